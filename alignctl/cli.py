@@ -1,0 +1,123 @@
+"""The ``alignctl`` command.
+
+    alignctl train [OVERRIDE ...] [--cfg job]   compose the config from Hydra overrides and run it
+    alignctl list                                algorithms, presets of every group, recipes
+
+Problems with the user's input end in one red line naming the fix (exit code 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+USAGE = """usage: alignctl train [OVERRIDE ...] [--cfg job]
+       alignctl list
+
+OVERRIDE is a Hydra override: pick a preset of a group (algo=dpo model=tiny dataset=smoke_pref
+peft=lora precision=bf16 launcher=local), a whole recipe (recipe=smoke/sft), or set a field
+(train.lr=1e-4 algo.beta=0.05 run.output_dir=runs/mine).
+--cfg job prints the composed config and runs nothing.
+"""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    _quiet_libraries()
+    from alignctl.errors import AlignctlError
+    from alignctl.tracking import console
+
+    try:
+        if command == "train":
+            return _train(rest)
+        if command == "list":
+            return _list()
+        console.print(f"[red]error:[/] unknown command {command!r}; use 'train' or 'list'")
+        return 2
+    except AlignctlError as exc:
+        console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """alignctl draws its own progress; silence the per-file bars of datasets and transformers."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _train(args: List[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from alignctl.compose import compose_job
+    from alignctl.registry import get_algorithm
+
+    print_cfg = None
+    overrides = []
+    it = iter(args)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        if arg in ("--cfg", "-c"):
+            print_cfg = next(it, "job")
+        elif arg.startswith("--cfg="):
+            print_cfg = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    if print_cfg not in (None, "job", "all"):
+        from alignctl.errors import ConfigError
+
+        raise ConfigError(f"--cfg {print_cfg}: use --cfg job")
+    job = compose_job(overrides)
+    algorithm = get_algorithm(job.algo.name)
+    if print_cfg:
+        print(OmegaConf.to_yaml(job, resolve=True), end="")
+        return 0
+    algorithm.load_driver()(job)
+    return 0
+
+
+def _list() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from alignctl.compose import GROUPS, list_presets, list_recipes
+    from alignctl.registry import ALGORITHMS
+
+    console = Console()  # stdout: this listing is the command's output
+
+    algos = Table(title="algorithms (algo.name)", title_justify="left")
+    algos.add_column("name", style="bold")
+    algos.add_column("what it trains")
+    for algorithm in ALGORITHMS.values():
+        algos.add_row(algorithm.name, algorithm.description)
+    console.print(algos)
+    presets = Table(title="presets (GROUP=PRESET)", title_justify="left")
+    presets.add_column("group", style="bold")
+    presets.add_column("presets")
+    for group in GROUPS:
+        presets.add_row(group, ", ".join(list_presets(group)))
+    presets.add_row("recipe", ", ".join(list_recipes()))
+    console.print(presets)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The trained model: load, wrap with LoRA, gradient checkpointing, NEFTune; and save it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alignctl.config import JobConfig
+from alignctl.errors import ConfigError
+from alignctl.models.load import load_causal_lm
+from alignctl.models.peft_wrap import check_qlora_possible, qlora_load_kwargs, wrap_lora
+
+
+def build_policy(job: JobConfig, tokenizer):
+    """The model to train, with the job's PEFT and memory settings applied."""
+    method = job.peft.method
+    extra = {}
+    if method == "qlora":
+        check_qlora_possible()
+        extra = qlora_load_kwargs()
+    elif method not in ("none", "lora"):
+        raise ConfigError(f"peft.method={method!r}: use none, lora or qlora")
+    model = load_causal_lm(job.model, tokenizer, extra_kwargs=extra)
+    model.config.use_cache = False
+    if job.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method in ("lora", "qlora"):
+        model = wrap_lora(model, job.peft, job.train.gradient_checkpointing)
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def add_neftune_hook(model, alpha: float):
+    """NEFTune (Jain et al. 2023): add Uniform(-1, 1) * alpha / sqrt(seq_len * hidden) noise to the
+    input embeddings while the model is in training mode. Returns the hook handle."""
+    embeddings = model.get_input_embeddings()
+
+    def add_noise(module, _inputs, output):
+        if not module.training:
+            return output
+        scale = alpha / torch.sqrt(torch.tensor(output.size(1) * output.size(2), dtype=torch.float32))
+        return output + torch.zeros_like(output).uniform_(-1, 1) * scale.to(output.dtype)
+
+    return embeddings.register_forward_hook(add_noise)
+
+
+def save_model(model, tokenizer, folder: Path, merge_adapter: bool = False) -> None:
+    """safetensors weights (or the LoRA adapter) and the tokenizer into ``folder``.
+
+    With ``merge_adapter`` a LoRA model also writes base+adapter merged weights to folder/merged.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if merge_adapter and hasattr(model, "merge_and_unload"):
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(folder / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(folder / "merged")

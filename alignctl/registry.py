@@ -1,0 +1,65 @@
+"""Algorithm registry: name -> (config schema, loss function, loop driver).
+
+Adding an algorithm is one ``register(...)`` call here plus its config dataclass, loss module and
+step/driver module. Loss and driver are dotted import paths, resolved on use, so ``alignctl list``
+and config composition do not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict
+
+from alignctl import algo_configs
+from alignctl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    config_cls: type
+    # "module:attribute" of the loss function (pure tensor math).
+    loss: str
+    # "module:attribute" of the driver: a callable taking the composed JobConfig and running it.
+    driver: str
+    description: str
+
+    def load_loss(self) -> Callable[..., Any]:
+        return _resolve(self.loss)
+
+    def load_driver(self) -> Callable[..., Any]:
+        return _resolve(self.driver)
+
+
+ALGORITHMS: Dict[str, Algorithm] = {}
+
+
+def register(algorithm: Algorithm) -> None:
+    if algorithm.name in ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm.name!r} is registered twice")
+    ALGORITHMS[algorithm.name] = algorithm
+
+
+def get_algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        valid = ", ".join(sorted(ALGORITHMS))
+        raise ConfigError(f"unknown algorithm {name!r}; registered algorithms: {valid}") from None
+
+
+def _resolve(dotted: str) -> Callable[..., Any]:
+    module_name, _, attr = dotted.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+register(
+    Algorithm(
+        name="sft",
+        config_cls=algo_configs.SFTConfig,
+        loss="alignctl.models.logps:token_nll",
+        driver="alignctl.loops.sft:run_sft",
+        description="supervised fine-tuning (text, prompt/completion, chat messages; packing, NEFTune)",
+    )
+)

@@ -1,0 +1,111 @@
+"""What leaves a run while it trains: the rich progress bar, metrics.jsonl, TensorBoard, the summary.
+
+Only the main process tracks; the others get a tracker whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+class RunTracker:
+    def __init__(self, run_dir: Path, total_steps: int, *, enabled: bool, progress: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._progress: Optional[Progress] = None
+        self._task = None
+        self._writer = None
+        self._start = time.perf_counter()
+        if not enabled:
+            return
+        if progress:
+            self._progress = Progress(
+                TextColumn("[bold]step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def __enter__(self) -> "RunTracker":
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total_steps, stats="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def advance(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        """Move the bar to ``step`` and show the latest loss, lr and throughput."""
+        if self._progress is not None and self._task is not None:
+            stats = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+            self._progress.update(self._task, completed=step, stats=stats)
+
+    def log(self, step: int, metrics: Dict[str, float], split: str = "train") -> None:
+        """One JSON object per call in metrics.jsonl (and TensorBoard scalars when enabled)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(f"{split}/{key}", value, step)
+        if split != "train" and self._progress is not None:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            self._progress.console.print(f"[cyan]{split} @ step {step}[/]  {shown}")
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            (self._progress.console if self._progress else console).print(message)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def print_summary(title: str, rows: List[Tuple[str, str]]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
