@@ -27,3 +27,43 @@ class SFTConfig:
     packing: bool = False
     # NEFTune: uniform noise of scale alpha/sqrt(seq_len*hidden) on input embeddings while training.
     neftune_noise_alpha: Optional[float] = None
+
+
+@dataclass
+class PairwiseDataConfig:
+    """Length limits of the pairwise (prompt, chosen, rejected) data path."""
+
+    # Longest prompt + answer, in tokens.
+    max_length: int = 512
+    # Longest prompt, in tokens (the prompt is cut first when a pair is too long).
+    max_prompt_length: int = 128
+    # Which end of a too-long prompt survives: keep_end keeps its end (the latest turns).
+    truncation_mode: str = "keep_end"
+    # Append EOS after each answer.
+    add_eos: bool = True
+
+
+@dataclass
+class DPOConfig(PairwiseDataConfig):
+    name: str = "dpo"
+    # Strength of the implicit KL constraint to the reference (tau for IPO).
+    beta: float = 0.1
+    # sigmoid, hinge, ipo, robust, kto_pair, bco_pair, sppo_hard, nca_pair, aot, aot_pair, exo_pair,
+    # apo_zero, apo_down, discopop.
+    loss_type: str = "sigmoid"
+    # Conservative DPO / robust DPO: assumed probability that a preference label is flipped.
+    label_smoothing: float = 0.0
+    # Use no reference model (an implicit uniform reference).
+    reference_free: bool = False
+    # Compute the reference log-probs once over the data before training, then drop the reference.
+    precompute_ref_logps: bool = False
+    # Temperature of DiscoPOP's log-ratio modulation.
+    discopop_tau: float = 0.05
+
+
+@dataclass
+class RewardConfig(PairwiseDataConfig):
+    name: str = "reward"
+    max_prompt_length: int = 256
+    # Weight of the auxiliary loss pulling mean rewards towards zero (Eisenstein et al. 2023); null = off.
+    center_rewards_coefficient: Optional[float] = None

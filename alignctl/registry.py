@@ -63,3 +63,23 @@ register(
         description="supervised fine-tuning (text, prompt/completion, chat messages; packing, NEFTune)",
     )
 )
+
+register(
+    Algorithm(
+        name="dpo",
+        config_cls=algo_configs.DPOConfig,
+        loss="alignctl.losses.dpo:dpo_loss",
+        driver="alignctl.loops.dpo:run_dpo",
+        description="direct preference optimisation, every loss variant (sigmoid, ipo, hinge, robust, ...)",
+    )
+)
+
+register(
+    Algorithm(
+        name="reward",
+        config_cls=algo_configs.RewardConfig,
+        loss="alignctl.losses.reward:reward_loss",
+        driver="alignctl.loops.reward:run_reward",
+        description="reward model: one-output sequence classifier on preference pairs (Bradley-Terry)",
+    )
+)

@@ -34,6 +34,37 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def load_reward_model(cfg: ModelConfig, tokenizer, *, extra_kwargs=None):
+    """A sequence classifier with one output (the scalar reward), from the policy's weights/architecture."""
+    if cfg.arch is not None:
+        from transformers import LlamaForSequenceClassification
+
+        from alignctl.models.tiny import build_tiny_model
+
+        base = build_tiny_model(cfg.arch, tokenizer)
+        base.config.num_labels = 1
+        model = LlamaForSequenceClassification(base.config)
+        model.model.load_state_dict(base.model.state_dict())
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        source = cfg.name_or_path
+        kwargs: Dict[str, Any] = {
+            "revision": cfg.revision,
+            "trust_remote_code": cfg.trust_remote_code,
+            "dtype": "float32",
+            "num_labels": 1,
+            **(extra_kwargs or {}),
+        }
+        if cfg.gguf_file:
+            source, kwargs["gguf_file"] = _gguf_location(cfg)
+        model = _from_pretrained(AutoModelForSequenceClassification, source, kwargs, what="model")
+        _detach_gguf_quantizer(model, bool(cfg.gguf_file))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def load_causal_lm(cfg: ModelConfig, tokenizer, *, name_or_path: str | None = None, extra_kwargs=None):
     """The causal LM in fp32 (mixed precision autocasts on top; the master weights stay fp32).
 
@@ -58,16 +89,20 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, *, name_or_path: str | None = No
     if cfg.gguf_file and name_or_path is None:
         source, kwargs["gguf_file"] = _gguf_location(cfg)
     model = _from_pretrained(AutoModelForCausalLM, source, kwargs, what="model")
-    if getattr(model, "hf_quantizer", None) is not None and kwargs.get("gguf_file"):
-        # GGUF weights are dequantized to fp32 on load; drop the quantizer so the model trains and
-        # saves as a plain transformers model (safetensors).
+    _detach_gguf_quantizer(model, bool(kwargs.get("gguf_file")))
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _detach_gguf_quantizer(model, from_gguf: bool) -> None:
+    """GGUF weights are dequantized to fp32 on load; drop the quantizer so the model trains and
+    saves as a plain transformers model (safetensors)."""
+    if from_gguf and getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.is_quantized = False
-    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 def _gguf_location(cfg: ModelConfig):

@@ -37,7 +37,7 @@ def qlora_load_kwargs() -> dict:
     }
 
 
-def wrap_lora(model, cfg: PeftConfig, gradient_checkpointing: bool):
+def wrap_lora(model, cfg: PeftConfig, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM"):
     """A peft model with trainable LoRA adapters; the base weights are frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -50,7 +50,7 @@ def wrap_lora(model, cfg: PeftConfig, gradient_checkpointing: bool):
         lora_dropout=cfg.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, lora)

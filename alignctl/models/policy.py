@@ -8,12 +8,15 @@ import torch
 
 from alignctl.config import JobConfig
 from alignctl.errors import ConfigError
-from alignctl.models.load import load_causal_lm
+from alignctl.models.load import load_causal_lm, load_reward_model
 from alignctl.models.peft_wrap import check_qlora_possible, qlora_load_kwargs, wrap_lora
 
 
-def build_policy(job: JobConfig, tokenizer):
-    """The model to train, with the job's PEFT and memory settings applied."""
+def build_policy(job: JobConfig, tokenizer, *, reward_head: bool = False):
+    """The model to train, with the job's PEFT and memory settings applied.
+
+    ``reward_head``: a sequence classifier with one scalar output (reward models) instead of a causal LM.
+    """
     method = job.peft.method
     extra = {}
     if method == "qlora":
@@ -21,12 +24,16 @@ def build_policy(job: JobConfig, tokenizer):
         extra = qlora_load_kwargs()
     elif method not in ("none", "lora"):
         raise ConfigError(f"peft.method={method!r}: use none, lora or qlora")
-    model = load_causal_lm(job.model, tokenizer, extra_kwargs=extra)
+    if reward_head:
+        model = load_reward_model(job.model, tokenizer, extra_kwargs=extra)
+    else:
+        model = load_causal_lm(job.model, tokenizer, extra_kwargs=extra)
     model.config.use_cache = False
     if job.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method in ("lora", "qlora"):
-        model = wrap_lora(model, job.peft, job.train.gradient_checkpointing)
+        task_type = "SEQ_CLS" if reward_head else "CAUSAL_LM"
+        model = wrap_lora(model, job.peft, job.train.gradient_checkpointing, task_type=task_type)
     return model
 
 

@@ -7,6 +7,8 @@ ChatML special tokens and a chat template, so every data format works with it.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -45,7 +47,15 @@ def _strings(value: object) -> Iterator[str]:
 
 
 def build_tiny_tokenizer(vocab_size: int = 512):
-    """A PreTrainedTokenizerFast: byte-level BPE, eos ``<|im_end|>``, pad ``<|pad|>``."""
+    """A PreTrainedTokenizerFast: byte-level BPE, eos ``<|im_end|>``, pad ``<|pad|>``.
+
+    Training is deterministic, so it is done once per process and callers get copies.
+    """
+    return copy.deepcopy(_trained_tokenizer(vocab_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,0 +1,102 @@
+"""DPO (and its loss variants) on the offline driver."""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from alignctl.errors import ConfigError
+from alignctl.loops.offline import Metrics, PreparedData, RunResult, run_offline
+from alignctl.loops.preference import forward_pairs, logp_metrics, prepare_pair_data, reward_metrics, split_pairs
+from alignctl.losses.dpo import DPO_LOSS_TYPES, RunningMoments, dpo_loss
+from alignctl.models.logps import CausalLMWithLogps
+from alignctl.models.policy import build_policy
+from alignctl.models.reference import ReferenceModel, disable_dropout
+
+# Loss types whose log-probs are per-token averages rather than sums (as the reference library).
+AVERAGED_LOSS_TYPES = ("ipo",)
+
+
+class DPOAlgorithm:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.reference: ReferenceModel | None = None
+        self.running = RunningMoments()  # bco_pair's running reward mean
+        self.autocast = None
+
+    def prepare_data(self, job: DictConfig, tokenizer) -> PreparedData:
+        if job.algo.loss_type not in DPO_LOSS_TYPES:
+            raise ConfigError(f"algo.loss_type={job.algo.loss_type!r}: use one of {', '.join(DPO_LOSS_TYPES)}")
+        return prepare_pair_data(job, tokenizer)
+
+    def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
+        policy = build_policy(job, tokenizer)
+        disable_dropout(policy)
+        self.reference = ReferenceModel.build(
+            job, policy, tokenizer, reference_free=job.algo.reference_free, precompute=job.algo.precompute_ref_logps
+        )
+        return CausalLMWithLogps(policy, chunk_size=job.train.logps_chunk_size)
+
+    def setup(self, job: DictConfig, accelerator, model: torch.nn.Module, data: PreparedData) -> None:
+        self.autocast = accelerator.autocast
+        if self.reference.mode == "copy":
+            self.reference.to(accelerator.device)
+        if job.algo.precompute_ref_logps and self.reference.mode in ("copy", "adapter"):
+            model.to(accelerator.device)
+            start = time.perf_counter()
+            batch_size = job.train.per_device_eval_batch_size or job.train.per_device_batch_size
+            for examples in (data.train, data.eval or []):
+                precompute_reference(self.reference, examples, data.collate, batch_size, accelerator)
+            self.reference.release()
+            data.notes.append(("reference log-probs", f"precomputed in {time.perf_counter() - start:.1f} s"))
+        data.notes.append(("reference", {"copy": "frozen copy", "adapter": "LoRA adapter disabled",
+                                         "precomputed": "precomputed log-probs", "none": "none (reference-free)"}[self.reference.mode]))
+
+    def compute_loss(self, model, batch: Dict[str, torch.Tensor], train: bool) -> Tuple[torch.Tensor, Metrics]:
+        cfg = self.cfg
+        out = forward_pairs(model, batch)
+        policy_logps = out.sum_logps
+        ref_logps = self.reference.sum_logps(batch, autocast=self.autocast)
+        if cfg.loss_type in AVERAGED_LOSS_TYPES:
+            counts = out.num_tokens.clamp(min=1).to(policy_logps.dtype)
+            policy_logps, ref_logps = policy_logps / counts, ref_logps / counts
+        chosen, rejected = split_pairs(policy_logps)
+        ref_chosen, ref_rejected = split_pairs(ref_logps.to(policy_logps.dtype))
+        result = dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            label_smoothing=cfg.label_smoothing,
+            reference_free=cfg.reference_free,
+            discopop_tau=cfg.discopop_tau,
+            # Evaluation reads the running mean without moving it.
+            running_mean=self.running if train else self.running.mean,
+        )
+        metrics = {**reward_metrics(result.chosen_rewards, result.rejected_rewards), **logp_metrics(out)}
+        if cfg.loss_type in AVERAGED_LOSS_TYPES:
+            metrics["logps/chosen"], metrics["logps/rejected"] = chosen.detach().mean(), rejected.detach().mean()
+        return result.losses.mean(), metrics
+
+    def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.model
+
+
+@torch.no_grad()
+def precompute_reference(reference: ReferenceModel, examples, collate, batch_size: int, accelerator) -> None:
+    """Store (chosen, rejected) summed reference log-probs on every example (``ref_logps``)."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
+        chosen, rejected = split_pairs(reference.sum_logps(batch, autocast=accelerator.autocast).cpu())
+        for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            example.ref_logps = (c, r)
+
+
+def run_dpo(job: DictConfig) -> RunResult:
+    return run_offline(job, DPOAlgorithm(job.algo), title=f"dpo ({job.algo.loss_type})")

@@ -1,0 +1,93 @@
+"""Pieces shared by the pairwise preference algorithms (DPO, CPO, ORPO, reward modelling)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, List, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from alignctl.data.load import load_rows
+from alignctl.data.pairwise import PairExample, build_pair_examples, collate_pairs
+from alignctl.loops.offline import Metrics, PreparedData
+from alignctl.models.logps import TokenLogps
+
+
+def prepare_pair_data(job: DictConfig, tokenizer) -> PreparedData:
+    """Rows -> PairExamples for train and eval, with a collate that keeps precomputed ref log-probs."""
+    cfg = job.algo
+    raw = load_rows(job.dataset, seed=job.train.seed)
+
+    def build(rows):
+        return build_pair_examples(
+            rows,
+            tokenizer,
+            max_length=cfg.max_length,
+            max_prompt_length=cfg.max_prompt_length,
+            truncation_mode=cfg.truncation_mode,
+            add_eos=cfg.add_eos,
+            skip_invalid=job.dataset.skip_invalid,
+        )
+
+    train = build(raw.train)
+    eval_data = build(raw.eval) if raw.eval else None
+    notes = [("data", f"{raw.source} ({train.format}, {len(train.examples)} train pairs"
+              + (f", {len(eval_data.examples)} eval pairs)" if eval_data else ")"))]
+    if train.skipped:
+        notes.append(("skipped rows", f"{train.skipped} (dataset.skip_invalid=true)"))
+    return PreparedData(
+        train=train.examples,
+        eval=eval_data.examples if eval_data else None,
+        collate=partial(collate_pairs_with_ref, pad_token_id=tokenizer.pad_token_id),
+        notes=notes,
+    )
+
+
+def collate_pairs_with_ref(examples: List[PairExample], pad_token_id: int) -> Dict[str, torch.Tensor]:
+    """collate_pairs, plus ``ref_logps`` [2B] (chosen first) when they were precomputed."""
+    batch = collate_pairs(examples, pad_token_id)
+    refs = [getattr(e, "ref_logps", None) for e in examples]
+    if all(r is not None for r in refs):
+        batch["ref_logps"] = torch.tensor([r[0] for r in refs] + [r[1] for r in refs], dtype=torch.float32)
+    return batch
+
+
+def forward_pairs(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> TokenLogps:
+    """One forward of the concatenated chosen+rejected batch through the log-prob wrapper."""
+    return TokenLogps.from_dict(
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch["labels"],
+            position_ids=batch.get("position_ids"),
+        )
+    )
+
+
+def split_pairs(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[2B] -> ([B] chosen, [B] rejected)."""
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> Metrics:
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+    }
+
+
+def logp_metrics(out: TokenLogps) -> Metrics:
+    """logps/* (mean summed log-prob per sequence) and logits/* (mean logit over answer tokens and vocab)."""
+    chosen_sum, rejected_sum = split_pairs(out.sum_logps.detach())
+    chosen_logits, rejected_logits = split_pairs(out.logits_sum)
+    chosen_n, rejected_n = split_pairs(out.num_tokens)
+    return {
+        "logps/chosen": chosen_sum.mean(),
+        "logps/rejected": rejected_sum.mean(),
+        "logits/chosen": chosen_logits.sum() / chosen_n.sum().clamp(min=1),
+        "logits/rejected": rejected_logits.sum() / rejected_n.sum().clamp(min=1),
+    }

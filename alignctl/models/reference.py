@@ -1,0 +1,91 @@
+"""The reference model of preference algorithms, held in the cheapest way the run allows.
+
+- ``adapter``: the policy is a LoRA model; its adapter is switched off for reference log-probs,
+  so no second model is held.
+- ``copy``: a frozen copy of the starting policy (or of ``model.ref_name_or_path``).
+- ``precomputed``: reference log-probs were computed once over the data set before training and
+  travel in the batch (``ref_logps`` column); no model is held while training.
+- ``none``: reference-free; callers pass zeros.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from typing import Dict, Optional
+
+import torch
+
+from alignctl.models.logps import sequence_logps
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (policy and reference then agree at step 0)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class ReferenceModel:
+    def __init__(self, mode: str, model: Optional[torch.nn.Module] = None, chunk_size: int = 1024):
+        self.mode = mode
+        self.model = model
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def build(cls, job, policy: torch.nn.Module, tokenizer, *, reference_free: bool, precompute: bool) -> "ReferenceModel":
+        """Pick the mode from the job; ``policy`` is the unwrapped model before accelerate.prepare."""
+        chunk = job.train.logps_chunk_size
+        if reference_free:
+            return cls("none", chunk_size=chunk)
+        if job.model.ref_name_or_path:
+            from alignctl.models.load import load_causal_lm
+
+            ref = load_causal_lm(job.model, tokenizer, name_or_path=job.model.ref_name_or_path)
+        elif is_peft_model(policy):
+            return cls("adapter", policy, chunk_size=chunk)
+        else:
+            ref = copy.deepcopy(policy)
+        ref.eval()
+        ref.requires_grad_(False)
+        disable_dropout(ref)
+        return cls("copy", ref, chunk_size=chunk)
+
+    def to(self, device: torch.device) -> "ReferenceModel":
+        if self.mode == "copy" and self.model is not None:
+            self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def sum_logps(self, batch: Dict[str, torch.Tensor], autocast=nullcontext) -> torch.Tensor:
+        """[rows] summed reference log-probs of the batch's label tokens."""
+        if self.mode == "none":
+            return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+        if self.mode == "precomputed":
+            return batch["ref_logps"]
+        adapter_off = self.model.disable_adapter() if self.mode == "adapter" else nullcontext()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with adapter_off, autocast():
+                out = sequence_logps(
+                    self.model,
+                    batch["input_ids"],
+                    batch.get("attention_mask"),
+                    batch["labels"],
+                    position_ids=batch.get("position_ids"),
+                    chunk_size=self.chunk_size,
+                )
+        finally:
+            self.model.train(was_training)
+        return out.sum_logps.float()
+
+    def release(self) -> None:
+        """Drop a held copy (after precomputing)."""
+        if self.mode == "copy":
+            self.model = None
+        self.mode = "precomputed"
