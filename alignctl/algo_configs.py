@@ -67,3 +67,37 @@ class RewardConfig(PairwiseDataConfig):
     max_prompt_length: int = 256
     # Weight of the auxiliary loss pulling mean rewards towards zero (Eisenstein et al. 2023); null = off.
     center_rewards_coefficient: Optional[float] = None
+
+
+@dataclass
+class CPOConfig(PairwiseDataConfig):
+    name: str = "cpo"
+    beta: float = 0.1
+    # sigmoid, hinge, ipo, simpo (simpo and ipo use length-normalised log-probs).
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin gamma (used by loss_type=simpo).
+    simpo_gamma: float = 0.5
+    # Weight of the NLL term on chosen answers; 0 with loss_type=simpo is pure SimPO.
+    cpo_alpha: float = 1.0
+
+
+@dataclass
+class ORPOConfig(PairwiseDataConfig):
+    name: str = "orpo"
+    # Weight of the odds-ratio term (lambda in the paper) beside the NLL on chosen answers.
+    beta: float = 0.1
+
+
+@dataclass
+class KTOConfig(PairwiseDataConfig):
+    name: str = "kto"
+    beta: float = 0.1
+    # kto | apo_zero_unpaired
+    loss_type: str = "kto"
+    # Loss weights of desirable / undesirable examples (the paper keeps
+    # desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]).
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # Compute the reference log-probs once over the data before training, then drop the reference.
+    precompute_ref_logps: bool = False

@@ -83,3 +83,31 @@ register(
         description="reward model: one-output sequence classifier on preference pairs (Bradley-Terry)",
     )
 )
+
+register(
+    Algorithm(
+        name="cpo",
+        config_cls=algo_configs.CPOConfig,
+        loss="alignctl.losses.cpo:cpo_loss",
+        driver="alignctl.loops.reference_free:run_cpo",
+        description="contrastive preference optimisation, reference-free (sigmoid, hinge, ipo, simpo)",
+    )
+)
+register(
+    Algorithm(
+        name="orpo",
+        config_cls=algo_configs.ORPOConfig,
+        loss="alignctl.losses.orpo:odds_ratio_loss",
+        driver="alignctl.loops.reference_free:run_orpo",
+        description="odds-ratio preference optimisation: NLL on chosen + beta * odds-ratio term, no reference",
+    )
+)
+register(
+    Algorithm(
+        name="kto",
+        config_cls=algo_configs.KTOConfig,
+        loss="alignctl.losses.kto:kto_loss",
+        driver="alignctl.loops.kto:run_kto",
+        description="Kahneman-Tversky optimisation on unpaired (or converted paired) good/bad examples",
+    )
+)
