@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         console.print(f"[red]error:[/] unknown command {command!r}; use 'train' or 'list'")
         return 2
     except AlignctlError as exc:
-        console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False)
+        console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

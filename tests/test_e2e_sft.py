@@ -103,3 +103,28 @@ def test_qlora_without_gpu_and_fp16_on_cpu_are_clear_errors(tmp_path):
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("train", "recipe=smoke/sft", "precision=fp16", f"run.output_dir={tmp_path}")
     assert result.returncode == 2 and "precision=fp16 needs a CUDA GPU" in result.stderr
+
+
+def test_checkpoint_pruning_tensorboard_and_warmup_schedule(tmp_path):
+    args = ["train", "recipe=smoke/sft", "train.max_steps=6", "train.save_steps=2", "train.save_total_limit=1",
+            "train.logging_steps=1", "train.eval_steps=0", "train.lr=1e-3", "train.lr_scheduler=linear",
+            "train.warmup_steps=2", "run.tensorboard=true", f"run.output_dir={tmp_path}", "run.progress=false"]
+    assert main(args) == 0
+    assert [c.name for c in (tmp_path / "checkpoints").iterdir()] == ["step-0000004"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    lrs = [r["lr"] for r in train_records(tmp_path)]
+    # linear warmup over 2 steps to 1e-3, then linear decay to 0 at step 6 (lr logged before stepping)
+    assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+
+
+def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path):
+    args = ["train", "recipe=smoke/sft", "train.max_steps=-1", "train.num_epochs=2", "train.per_device_batch_size=16",
+            "dataset.eval_fraction=0", "train.logging_steps=1", "train.save_steps=0", f"run.output_dir={tmp_path}",
+            "run.progress=false"]
+    assert main(args) == 0
+    # 34 rows in batches of 16: 3 batches an epoch, 2 epochs
+    assert [r["step"] for r in train_records(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def train_records(run_dir):
+    return [r for r in read_metrics(run_dir) if r["split"] == "train"]
