@@ -100,14 +100,40 @@ class PrecisionConfig:
 
 
 @dataclass
+class FSDPConfig:
+    # full_shard | hybrid_shard | shard_grad_op | no_shard
+    sharding_strategy: str = "full_shard"
+    # Transformer layer class to wrap; null = taken from the model (its _no_split_modules).
+    transformer_layer_cls_to_wrap: Optional[str] = None
+    # Keep parameters on the CPU between uses (saves GPU memory, costs speed).
+    cpu_offload: bool = False
+    # full_state_dict (one file, gathered on rank 0) | sharded_state_dict
+    state_dict_type: str = "full_state_dict"
+
+
+@dataclass
+class DeepSpeedConfig:
+    # ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters).
+    zero_stage: int = 2
+    # Offload optimizer state (stages 1-3) and parameters (stage 3) to the CPU.
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
 class LauncherConfig:
     # local (this process) | ddp | fsdp | deepspeed
     name: str = "local"
+    # Processes per machine (usually one per GPU).
     num_processes: int = 1
     num_machines: int = 1
+    # Rank of this machine (0 on the main one).
     machine_rank: int = 0
+    # Address and port the processes meet at (the main machine); needed with num_machines > 1.
     main_process_ip: Optional[str] = None
     main_process_port: int = 29500
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass

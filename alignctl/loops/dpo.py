@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Dict, Tuple
 
 import torch
@@ -10,11 +9,17 @@ from omegaconf import DictConfig
 
 from alignctl.errors import ConfigError
 from alignctl.loops.offline import Metrics, PreparedData, RunResult, run_offline
-from alignctl.loops.preference import forward_pairs, logp_metrics, prepare_pair_data, reward_metrics, split_pairs
+from alignctl.loops.preference import (
+    attach_reference,
+    build_policy_with_reference,
+    forward_pairs,
+    logp_metrics,
+    prepare_pair_data,
+    reward_metrics,
+    split_pairs,
+)
 from alignctl.losses.dpo import DPO_LOSS_TYPES, RunningMoments, dpo_loss
-from alignctl.models.logps import CausalLMWithLogps
-from alignctl.models.policy import build_policy
-from alignctl.models.reference import ReferenceModel, disable_dropout
+from alignctl.models.reference import ReferenceModel
 
 # Loss types whose log-probs are per-token averages rather than sums (as the reference library).
 AVERAGED_LOSS_TYPES = ("ipo",)
@@ -33,27 +38,12 @@ class DPOAlgorithm:
         return prepare_pair_data(job, tokenizer)
 
     def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
-        policy = build_policy(job, tokenizer)
-        disable_dropout(policy)
-        self.reference = ReferenceModel.build(
-            job, policy, tokenizer, reference_free=job.algo.reference_free, precompute=job.algo.precompute_ref_logps
-        )
-        return CausalLMWithLogps(policy, chunk_size=job.train.logps_chunk_size)
+        model, self.reference = build_policy_with_reference(job, tokenizer, reference_free=job.algo.reference_free)
+        return model
 
     def setup(self, job: DictConfig, accelerator, model: torch.nn.Module, data: PreparedData) -> None:
         self.autocast = accelerator.autocast
-        if self.reference.mode == "copy":
-            self.reference.to(accelerator.device)
-        if job.algo.precompute_ref_logps and self.reference.mode in ("copy", "adapter"):
-            model.to(accelerator.device)
-            start = time.perf_counter()
-            batch_size = job.train.per_device_eval_batch_size or job.train.per_device_batch_size
-            for examples in (data.train, data.eval or []):
-                precompute_reference(self.reference, examples, data.collate, batch_size, accelerator)
-            self.reference.release()
-            data.notes.append(("reference log-probs", f"precomputed in {time.perf_counter() - start:.1f} s"))
-        data.notes.append(("reference", {"copy": "frozen copy", "adapter": "LoRA adapter disabled",
-                                         "precomputed": "precomputed log-probs", "none": "none (reference-free)"}[self.reference.mode]))
+        attach_reference(self.reference, job, accelerator, model, data)
 
     def compute_loss(self, model, batch: Dict[str, torch.Tensor], train: bool) -> Tuple[torch.Tensor, Metrics]:
         cfg = self.cfg
@@ -85,17 +75,6 @@ class DPOAlgorithm:
 
     def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model
-
-
-@torch.no_grad()
-def precompute_reference(reference: ReferenceModel, examples, collate, batch_size: int, accelerator) -> None:
-    """Store (chosen, rejected) summed reference log-probs on every example (``ref_logps``)."""
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
-        chosen, rejected = split_pairs(reference.sum_logps(batch, autocast=accelerator.autocast).cpu())
-        for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-            example.ref_logps = (c, r)
 
 
 def run_dpo(job: DictConfig) -> RunResult:

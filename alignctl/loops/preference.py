@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Dict, List, Tuple
 
@@ -11,7 +12,9 @@ from omegaconf import DictConfig
 from alignctl.data.load import load_rows
 from alignctl.data.pairwise import PairExample, build_pair_examples, collate_pairs
 from alignctl.loops.offline import Metrics, PreparedData
-from alignctl.models.logps import TokenLogps
+from alignctl.models.logps import CausalLMWithLogps, TokenLogps
+from alignctl.models.policy import build_policy
+from alignctl.models.reference import ReferenceModel, disable_dropout
 
 
 def prepare_pair_data(job: DictConfig, tokenizer) -> PreparedData:
@@ -91,3 +94,54 @@ def logp_metrics(out: TokenLogps) -> Metrics:
         "logits/chosen": chosen_logits.sum() / chosen_n.sum().clamp(min=1),
         "logits/rejected": rejected_logits.sum() / rejected_n.sum().clamp(min=1),
     }
+
+
+def build_policy_with_reference(job: DictConfig, tokenizer, *, reference_free: bool) -> Tuple[torch.nn.Module, ReferenceModel]:
+    """The policy behind the log-prob wrapper (dropout off, as the reference) and its reference."""
+    policy = build_policy(job, tokenizer)
+    disable_dropout(policy)
+    reference = ReferenceModel.build(job, policy, tokenizer, reference_free=reference_free)
+    return CausalLMWithLogps(policy, chunk_size=job.train.logps_chunk_size), reference
+
+
+REFERENCE_NOTES = {
+    "copy": "frozen copy",
+    "adapter": "LoRA adapter disabled",
+    "precomputed": "precomputed log-probs",
+    "none": "none (reference-free)",
+}
+
+
+def attach_reference(reference: ReferenceModel, job: DictConfig, accelerator, model, data: PreparedData) -> None:
+    """Put a held reference on the device; with ``algo.precompute_ref_logps`` compute its log-probs
+    for every train and eval example now and drop it, so training holds no reference at all."""
+    if reference.mode == "copy":
+        reference.to(accelerator.device)
+    if job.algo.precompute_ref_logps and reference.mode in ("copy", "adapter"):
+        model.to(accelerator.device)
+        start = time.perf_counter()
+        batch_size = job.train.per_device_eval_batch_size or job.train.per_device_batch_size
+        for examples in (data.train, data.eval or []):
+            precompute_reference(reference, examples, data.collate, batch_size, accelerator)
+        reference.release()
+        data.notes.append(("reference log-probs", f"precomputed in {time.perf_counter() - start:.1f} s"))
+    data.notes.append(("reference", REFERENCE_NOTES[reference.mode]))
+
+
+@torch.no_grad()
+def precompute_reference(reference: ReferenceModel, examples, collate, batch_size: int, accelerator) -> None:
+    """Store on every example (``ref_logps``) the summed reference log-probs of its two rows.
+
+    Batches lay out B examples as two halves of rows (chosen then rejected for pairs; main then KL
+    for KTO): an example gets (its first-half value, its second-half value), the second None when
+    the batch has a single half. The values do not depend on batch composition, so they hold
+    whatever batches the loader forms later.
+    """
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
+        values = reference.sum_logps(batch, autocast=accelerator.autocast).float().cpu().tolist()
+        n = len(chunk)
+        second = values[n:] if len(values) == 2 * n else [None] * n
+        for example, first, other in zip(chunk, values[:n], second):
+            example.ref_logps = (first, other)

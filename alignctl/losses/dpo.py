@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Protocol, Union
+from typing import NamedTuple, Protocol, Union
 
 import torch
 import torch.nn.functional as F

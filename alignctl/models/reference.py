@@ -37,7 +37,7 @@ class ReferenceModel:
         self.chunk_size = chunk_size
 
     @classmethod
-    def build(cls, job, policy: torch.nn.Module, tokenizer, *, reference_free: bool, precompute: bool) -> "ReferenceModel":
+    def build(cls, job, policy: torch.nn.Module, tokenizer, *, reference_free: bool) -> "ReferenceModel":
         """Pick the mode from the job; ``policy`` is the unwrapped model before accelerate.prepare."""
         chunk = job.train.logps_chunk_size
         if reference_free:

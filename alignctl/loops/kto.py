@@ -1,0 +1,181 @@
+"""KTO (Kahneman-Tversky optimisation) on the offline driver, as TRL's ``KTOTrainer`` (0.11-0.12).
+
+Each batch is one forward pass over ``[main; KL]`` rows (``alignctl.data.kto.collate_kto``): the
+main rows give the desirable / undesirable log-ratios, the KL rows (each prompt followed by another
+example's completion, a pairing fixed when the data is built) give the detached KL estimate ``z0``.
+The reference is held as for DPO (frozen copy, LoRA adapter switched off, ``model.ref_name_or_path``,
+or precomputed log-probs of both the main and the KL sequences).
+
+Loss: ``kto_loss`` per example (desirable then undesirable), reduced with ``losses.nanmean()``
+like TRL: the mean over the examples present, so a batch with only one kind is the mean over that
+kind. With ``loss_type=apo_zero_unpaired`` no KL rows are built (TRL's ``calculate_KL=False``).
+When the data set has a single example there is no mismatched pair and the KL estimate is 0.
+
+Metrics (names as TRL's): ``kl``; ``rewards/chosen``, ``logps/chosen``, ``logits/chosen`` over the
+batch's desirable examples, ``.../rejected`` over its undesirable ones; ``rewards/margins``;
+``count/chosen``, ``count/rejected``. The driver averages each metric over the micro-batches of a
+logging window with equal weights and needs the same keys every time (and on every process), so:
+
+- a per-kind metric is the mean over that kind in the micro-batch, and **0 when the micro-batch has
+  none of that kind** (never NaN); ``count/*`` (examples of each kind per micro-batch) says how
+  often that happens. With mixed batches (the usual case for batch sizes >= 4) the logged values
+  are TRL's; windows holding micro-batches without one kind report that kind's mean diluted
+  towards 0 by the share of such micro-batches (with ``per_device_batch_size=1``,
+  ``rewards/chosen / count/chosen`` is the exact window mean);
+- ``rewards/margins`` = ``rewards/chosen - rewards/rejected`` of the micro-batch when it holds both
+  kinds, else 0.
+
+TRL instead sums over the logging window and divides by the window's counts; the driver here has
+no per-metric weights, hence the convention above.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from alignctl.data.kto import build_kto_examples, collate_kto, warn_if_unbalanced
+from alignctl.data.load import load_rows
+from alignctl.errors import ConfigError
+from alignctl.loops.offline import Metrics, PreparedData, RunResult, run_offline
+from alignctl.loops.preference import attach_reference, build_policy_with_reference, forward_pairs
+from alignctl.losses.kto import KTO_LOSS_TYPES, KTOLossOutput, kto_loss
+from alignctl.models.logps import TokenLogps
+from alignctl.models.reference import ReferenceModel
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class KTOAlgorithm:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.reference: ReferenceModel | None = None
+        self.autocast = None
+        self.kl_reduce = _identity
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.cfg.loss_type == "kto"
+
+    def prepare_data(self, job: DictConfig, tokenizer) -> PreparedData:
+        cfg = job.algo
+        if cfg.loss_type not in KTO_LOSS_TYPES:
+            raise ConfigError(f"algo.loss_type={cfg.loss_type!r}: use one of {', '.join(KTO_LOSS_TYPES)}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if cfg[name] < 0:
+                raise ConfigError(f"algo.{name}={cfg[name]}: must be >= 0")
+        raw = load_rows(job.dataset, seed=job.train.seed)
+
+        def build(rows):
+            return build_kto_examples(
+                rows,
+                tokenizer,
+                max_length=cfg.max_length,
+                max_prompt_length=cfg.max_prompt_length,
+                truncation_mode=cfg.truncation_mode,
+                add_eos=cfg.add_eos,
+                skip_invalid=job.dataset.skip_invalid,
+                kl_pairs=self.uses_kl,
+            )
+
+        train = build(raw.train)
+        eval_data = build(raw.eval) if raw.eval else None
+        counts = f"{train.num_desirable} desirable + {train.num_undesirable} undesirable train examples"
+        if eval_data:
+            counts += f", {len(eval_data.examples)} eval"
+        notes = [("data", f"{raw.source} ({train.format}, {counts})")]
+        if train.converted:
+            notes.append(("pairs converted", "chosen -> desirable (label true), rejected -> undesirable (label false)"))
+        if train.skipped:
+            notes.append(("skipped rows", f"{train.skipped} (dataset.skip_invalid=true)"))
+        if self.uses_kl:
+            if train.kl_shift:
+                kl_note = f"prompt i + completion of example i+{train.kl_shift} (fixed)"
+                if train.kl_same_prompt:
+                    kl_note += f"; {train.kl_same_prompt} pairs share their prompt (duplicated prompts)"
+            else:
+                kl_note = "one example: no mismatched pair, KL estimate 0"
+            notes.append(("KL pairs", kl_note))
+        advice = warn_if_unbalanced(train, cfg.desirable_weight, cfg.undesirable_weight)
+        if advice:
+            notes.append(("warning", advice))
+        return PreparedData(
+            train=train.examples,
+            eval=eval_data.examples if eval_data else None,
+            collate=partial(collate_kto, pad_token_id=tokenizer.pad_token_id, with_kl=self.uses_kl),
+            notes=notes,
+        )
+
+    def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
+        model, self.reference = build_policy_with_reference(job, tokenizer, reference_free=False)
+        return model
+
+    def setup(self, job: DictConfig, accelerator, model: torch.nn.Module, data: PreparedData) -> None:
+        self.autocast = accelerator.autocast
+        if accelerator.num_processes > 1:
+            # The KL estimate is the mean over all processes' KL rows (TRL gathers them).
+            self.kl_reduce = lambda x: accelerator.reduce(x, reduction="mean")
+        attach_reference(self.reference, job, accelerator, model, data)
+
+    def compute_loss(self, model, batch: Dict[str, torch.Tensor], train: bool) -> Tuple[torch.Tensor, Metrics]:
+        cfg = self.cfg
+        out = forward_pairs(model, batch)  # one forward of all [main; KL] rows
+        policy_logps = out.sum_logps
+        ref_logps = self.reference.sum_logps(batch, autocast=self.autocast).to(policy_logps.dtype)
+        desirable = batch["label"].to(torch.bool)
+        n = desirable.shape[0]
+        policy_main, ref_main = policy_logps[:n], ref_logps[:n]
+        policy_kl = ref_kl = None
+        if self.uses_kl:
+            if policy_logps.shape[0] == 2 * n:
+                policy_kl, ref_kl = policy_logps[n:], ref_logps[n:]
+            else:  # a one-example data set: no mismatched pair, KL estimate 0
+                policy_kl = ref_kl = policy_logps.new_zeros(1)
+        result = kto_loss(
+            policy_main[desirable],
+            policy_main[~desirable],
+            ref_main[desirable],
+            ref_main[~desirable],
+            policy_kl,
+            ref_kl,
+            beta=cfg.beta,
+            desirable_weight=cfg.desirable_weight,
+            undesirable_weight=cfg.undesirable_weight,
+            loss_type=cfg.loss_type,
+            kl_reduce=self.kl_reduce,
+        )
+        return result.losses.nanmean(), kto_metrics(result, out, desirable)
+
+    def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.model
+
+
+def kto_metrics(result: KTOLossOutput, out: TokenLogps, desirable: torch.Tensor) -> Metrics:
+    """TRL's metric names; per kind, the micro-batch mean over that kind or 0 when it has none."""
+    n = desirable.shape[0]
+    logps = out.sum_logps[:n].detach()
+    logits_sum, tokens = out.logits_sum[:n], out.num_tokens[:n]
+    zero = logps.new_zeros(())
+    metrics: Metrics = {"kl": result.kl.detach().float()}
+    means = {}
+    for kind, mask, rewards in (("chosen", desirable, result.chosen_rewards), ("rejected", ~desirable, result.rejected_rewards)):
+        count = int(mask.sum())
+        present = count > 0
+        means[kind] = rewards.mean() if present else zero
+        metrics[f"rewards/{kind}"] = means[kind]
+        metrics[f"logps/{kind}"] = logps[mask].mean() if present else zero
+        metrics[f"logits/{kind}"] = (
+            logits_sum[mask].sum() / tokens[mask].sum().clamp(min=1).to(logits_sum.dtype) if present else zero
+        )
+        metrics[f"count/{kind}"] = zero + count
+    both = result.chosen_rewards.numel() > 0 and result.rejected_rewards.numel() > 0
+    metrics["rewards/margins"] = means["chosen"] - means["rejected"] if both else zero
+    return metrics
+
+
+def run_kto(job: DictConfig) -> RunResult:
+    return run_offline(job, KTOAlgorithm(job.algo), title=f"kto ({job.algo.loss_type})")
