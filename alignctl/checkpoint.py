@@ -8,12 +8,15 @@ complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Callable, List, Optional
+
+from alignctl.errors import AlignctlError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -38,6 +41,15 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise AlignctlError(
+                f"no space left on the device while writing {final}; nothing was replaced (earlier "
+                "checkpoints are intact). Free some space or set run.output_dir elsewhere, then continue "
+                "with resume=auto"
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -90,3 +102,19 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str) -> Path:
+    """The checkpoint to continue from: ``auto`` = newest complete one of ``run_dir``, else a path."""
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise AlignctlError(
+                f"resume=auto: no complete checkpoint in {run_dir / CHECKPOINT_DIR}; set run.output_dir to "
+                "the run to continue, or start it without resume"
+            )
+        return found[-1]
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise AlignctlError(f"resume={resume}: not a complete checkpoint folder (no {STATE_FILE} in it)")
+    return path

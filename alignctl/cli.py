@@ -1,6 +1,7 @@
 """The ``alignctl`` command.
 
     alignctl train [OVERRIDE ...] [--cfg job]   compose the config from Hydra overrides and run it
+    alignctl launch-cmd [OVERRIDE ...]           print the accelerate launch command(s), run nothing
     alignctl list                                algorithms, presets of every group, recipes
 
 Problems with the user's input end in one red line naming the fix (exit code 2), not a traceback.
@@ -11,13 +12,18 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-USAGE = """usage: alignctl train [OVERRIDE ...] [--cfg job]
+USAGE = """usage: alignctl train [OVERRIDE ...] [--cfg job] [--dry-run]
+       alignctl launch-cmd [OVERRIDE ...]
        alignctl list
 
 OVERRIDE is a Hydra override: pick a preset of a group (algo=dpo model=tiny dataset=smoke_pref
 peft=lora precision=bf16 launcher=local), a whole recipe (recipe=smoke/sft), or set a field
 (train.lr=1e-4 algo.beta=0.05 run.output_dir=runs/mine).
 --cfg job prints the composed config and runs nothing.
+launcher=ddp|fsdp|deepspeed runs the training under `accelerate launch` (launcher.num_processes,
+launcher.num_machines, launcher.machine_rank, launcher.main_process_ip); `launch-cmd` (or
+`train ... --dry-run`) writes the accelerate config into the run directory and prints the
+command, one per machine, for cluster schedulers.
 """
 
 
@@ -34,13 +40,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if command == "train":
             return _train(rest)
+        if command == "launch-cmd":
+            return _train(rest, dry_run=True)
         if command == "list":
             return _list()
-        console.print(f"[red]error:[/] unknown command {command!r}; use 'train' or 'list'")
+        console.print(f"[red]error:[/] unknown command {command!r}; use 'train', 'launch-cmd' or 'list'")
         return 2
     except AlignctlError as exc:
         console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
@@ -62,9 +70,10 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-def _train(args: List[str]) -> int:
+def _train(args: List[str], dry_run: bool = False) -> int:
     from omegaconf import OmegaConf
 
+    from alignctl import launch
     from alignctl.compose import compose_job
     from alignctl.registry import get_algorithm
 
@@ -79,6 +88,8 @@ def _train(args: List[str]) -> int:
             print_cfg = next(it, "job")
         elif arg.startswith("--cfg="):
             print_cfg = arg.split("=", 1)[1]
+        elif arg == "--dry-run":
+            dry_run = True
         else:
             overrides.append(arg)
     if print_cfg not in (None, "job", "all"):
@@ -90,6 +101,14 @@ def _train(args: List[str]) -> int:
     if print_cfg:
         print(OmegaConf.to_yaml(job, resolve=True), end="")
         return 0
+    launch.validate_launcher(job)
+    if dry_run:
+        return launch.print_launch(job, overrides)
+    if launch.inside_launch():
+        # One of the processes `accelerate launch` started: train here, never launch again.
+        launch.prepare_launched_process(job)
+    elif job.launcher.name != "local":
+        return launch.launch(job, overrides)
     algorithm.load_driver()(job)
     return 0
 

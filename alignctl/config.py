@@ -170,6 +170,8 @@ class TrainConfig:
     save_total_limit: Optional[int] = None
     # Positions per chunk when the LM head is applied to compute log-probs.
     logps_chunk_size: int = 1024
+    # A NaN/inf loss stops the run (naming the step and rows); true skips such batches and counts them.
+    skip_nonfinite: bool = False
 
 
 @dataclass
@@ -197,3 +199,5 @@ class JobConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Continue a stopped run: "auto" (newest complete checkpoint of run.output_dir) or a checkpoint path.
+    resume: Optional[str] = None

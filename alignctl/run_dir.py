@@ -13,13 +13,17 @@ CONFIG_FILE = "config.yaml"
 FINAL_MODEL = "final_model"
 
 
-def resolve_run_dir(job: DictConfig) -> Path:
+def resolve_run_dir(job: DictConfig, resuming: bool = False) -> Path:
     """``run.output_dir``, or runs/<algo>-<timestamp>; refuses a finished run unless run.overwrite."""
     if job.run.output_dir:
         run_dir = Path(job.run.output_dir).expanduser()
+    elif resuming:
+        raise ConfigError("resume needs the run to continue: set run.output_dir to its run directory")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{job.algo.name}-{stamp}"
+    if resuming and (run_dir / FINAL_MODEL).exists():
+        raise ConfigError(f"run.output_dir={run_dir} already finished (final_model exists); nothing to resume")
     if (run_dir / FINAL_MODEL).exists() and not job.run.overwrite:
         raise ConfigError(
             f"run.output_dir={run_dir} already holds a finished run; choose another directory or set "

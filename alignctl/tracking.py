@@ -109,3 +109,12 @@ def print_summary(title: str, rows: List[Tuple[str, str]]) -> None:
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, after_step: int) -> None:
+    """Drop records logged after ``after_step`` (a resumed run logs those steps again)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -76,6 +76,14 @@ class DPOAlgorithm:
     def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model
 
+    def state_dict(self) -> Dict[str, float]:
+        """bco_pair's running reward statistics (checkpointed for exact resume)."""
+        return {k: float(getattr(self.running, k)) for k in ("mean", "std", "var", "count")}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        for key, value in state.items():
+            setattr(self.running, key, value)
+
 
 def run_dpo(job: DictConfig) -> RunResult:
     return run_offline(job, DPOAlgorithm(job.algo), title=f"dpo ({job.algo.loss_type})")

@@ -1,28 +1,30 @@
 """The offline loop driver (SFT, reward modelling, DPO, CPO, ORPO, KTO).
 
 The driver owns everything around a step: accelerator, optimizer and schedule, gradient
-accumulation and clipping, evaluation, logging, checkpoints and the final save. An algorithm
-plugs in through ``OfflineAlgorithm``: it turns rows into examples, sets up what it needs beside
-the policy (a reference model, a hook), and computes a loss and metrics for a batch.
+accumulation and clipping, evaluation, logging, checkpoints, resume, stop signals, non-finite
+losses and the final save. An algorithm plugs in through ``OfflineAlgorithm``: it turns rows into
+examples, sets up what it needs beside the policy (a reference model, a hook), and computes a
+loss and metrics for a batch.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 from omegaconf import DictConfig
 
-from alignctl.checkpoint import save_checkpoint, write_atomically
-from alignctl.errors import ConfigError
+from alignctl.checkpoint import find_resume_checkpoint, list_checkpoints, save_checkpoint, write_atomically
+from alignctl.loops.guards import NonFiniteLoss, RunInterrupted, StopSignals, loss_is_finite, nonfinite_message
+from alignctl.loops.optim import build_optimizer, build_scheduler, check_precision, plan_steps
+from alignctl.loops.state import TrainProgress, read_training_state, restore_rng, write_training_state
+from alignctl.loops.window import Metrics, MetricWindow
 from alignctl.run_dir import FINAL_MODEL, resolve_run_dir, write_config
-from alignctl.tracking import RunTracker, print_summary
-
-Metrics = Dict[str, torch.Tensor]
+from alignctl.tracking import RunTracker, print_summary, truncate_metrics
 
 
 @dataclass
@@ -57,157 +59,258 @@ class RunResult:
     wall_s: float
 
 
-def check_precision(name: str) -> str:
-    """accelerate's mixed_precision value for the precision preset, or a clear error."""
-    if name == "fp32":
-        return "no"
-    if name == "bf16":
-        return "bf16"
-    if name == "fp16":
-        if not torch.cuda.is_available():
-            raise ConfigError("precision=fp16 needs a CUDA GPU (none here); use precision=bf16 or fp32 on CPU")
-        return "fp16"
-    raise ConfigError(f"precision.name={name!r}: use fp32, bf16 or fp16")
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same data order."""
 
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
-    )
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
-SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-
-
-def build_scheduler(optimizer, cfg, total_steps: int):
-    from transformers import get_scheduler
-
-    if cfg.lr_scheduler not in SCHEDULERS:
-        raise ConfigError(f"train.lr_scheduler={cfg.lr_scheduler!r}: use one of {', '.join(SCHEDULERS)}")
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    return get_scheduler(SCHEDULERS[cfg.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def plan_steps(cfg, batches_per_epoch: int) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    updates_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
-    return max(1, math.ceil(cfg.num_epochs * updates_per_epoch))
+    def __len__(self) -> int:
+        return self.size
 
 
 def run_offline(job: DictConfig, algorithm: OfflineAlgorithm, title: str) -> RunResult:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    return _OfflineRun(job, algorithm, title).run()
 
-    from alignctl.models.load import load_tokenizer
 
-    tcfg = job.train
-    mixed_precision = check_precision(job.precision.name)
-    run_dir = resolve_run_dir(job)
-    _fresh_accelerator_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps)
-    set_seed(tcfg.seed)
-    if accelerator.is_main_process:
-        write_config(job, run_dir)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+class _OfflineRun:
+    def __init__(self, job: DictConfig, algorithm: OfflineAlgorithm, title: str) -> None:
+        self.job, self.algorithm, self.title = job, algorithm, title
+        self.tcfg = job.train
 
-    tokenizer = load_tokenizer(job.model)
-    data = algorithm.prepare_data(job, tokenizer)
-    model = algorithm.build_model(job, tokenizer)
-    algorithm.setup(job, accelerator, model, data)
+    # ------------------------------------------------------------------ set-up
+    def run(self) -> RunResult:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
-    train_loader = _loader(data.train, data.collate, tcfg.per_device_batch_size, shuffle=True, seed=tcfg.seed)
-    eval_loader = None
-    if data.eval:
-        eval_bs = tcfg.per_device_eval_batch_size or tcfg.per_device_batch_size
-        eval_loader = _loader(data.eval, data.collate, eval_bs, shuffle=False, seed=tcfg.seed)
+        from alignctl.models.load import load_tokenizer
 
-    optimizer = build_optimizer(model, tcfg)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    total_steps = plan_steps(tcfg, len(train_loader))
-    scheduler = build_scheduler(optimizer, tcfg, total_steps)
+        job, tcfg = self.job, self.tcfg
+        mixed_precision = check_precision(job.precision.name)
+        self.run_dir = resolve_run_dir(job, resuming=bool(job.resume))
+        resume_from = find_resume_checkpoint(self.run_dir, job.resume) if job.resume else None
+        _fresh_accelerator_state()
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=mixed_precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps
+        )
+        set_seed(tcfg.seed)
+        if accelerator.is_main_process:
+            write_config(job, self.run_dir)
+            if resume_from is None:
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
-    tracker = RunTracker(
-        run_dir, total_steps, enabled=accelerator.is_main_process, progress=job.run.progress, tensorboard=job.run.tensorboard
-    )
-    model.train()
-    step, tokens_total, last_loss = 0, 0, float("nan")
-    window = _Window()
-    start = time.perf_counter()
-    with tracker:
-        while step < total_steps:
-            for batch in train_loader:
-                with accelerator.accumulate(model):
-                    loss, metrics = algorithm.compute_loss(model, batch, train=True)
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+        self.tokenizer = load_tokenizer(job.model)
+        self.data = self.algorithm.prepare_data(job, self.tokenizer)
+        model = self.algorithm.build_model(job, self.tokenizer)
+        self.algorithm.setup(job, accelerator, model, self.data)
+        resumed = read_training_state(resume_from, model) if resume_from else None
+
+        train_loader = torch.utils.data.DataLoader(
+            self.data.train,
+            batch_size=tcfg.per_device_batch_size,
+            sampler=EpochSampler(len(self.data.train), tcfg.seed),
+            collate_fn=self.data.collate,
+        )
+        eval_loader = None
+        if self.data.eval:
+            eval_bs = tcfg.per_device_eval_batch_size or tcfg.per_device_batch_size
+            eval_loader = torch.utils.data.DataLoader(self.data.eval, batch_size=eval_bs, collate_fn=self.data.collate)
+
+        optimizer = build_optimizer(model, tcfg)
+        self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
+        self.eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
+        self.total_steps = plan_steps(tcfg, len(self.train_loader))
+        self.scheduler = build_scheduler(self.optimizer, tcfg, self.total_steps)
+        self.progress = TrainProgress()
+        self.window = MetricWindow()
+        if resumed:
+            self._restore(resumed, resume_from)
+        return self._train_and_finish()
+
+    def _restore(self, resumed: Dict[str, Any], folder: Path) -> None:
+        self.optimizer.load_state_dict(resumed["optimizer"])
+        self.scheduler.load_state_dict(resumed["scheduler"])
+        self.window.load_state_dict(resumed["window"], self.accelerator.device)
+        self.progress = resumed["progress"]
+        if hasattr(self.algorithm, "load_state_dict"):
+            self.algorithm.load_state_dict(resumed["algorithm"])
+        restore_rng(resumed["rng"])
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.run_dir, after_step=self.progress.step)
+        self.data.notes.append(("resumed from", f"{folder} (step {self.progress.step})"))
+
+    # ------------------------------------------------------------------ the loop
+    def _train_and_finish(self) -> RunResult:
+        job, accelerator, progress = self.job, self.accelerator, self.progress
+        self.tracker = RunTracker(
+            self.run_dir, self.total_steps, enabled=accelerator.is_main_process,
+            progress=job.run.progress, tensorboard=job.run.tensorboard,
+        )
+        self.model.train()
+        self.last_loss = float("nan")
+        start = time.perf_counter()
+        with self.tracker, StopSignals() as stop:
+            if progress.step:  # resumed: start the bar where the run stopped
+                self.tracker.advance(progress.step, self.last_loss, self.scheduler.get_last_lr()[0], 0.0)
+            while progress.step < self.total_steps:
+                # accelerate's loader passes its epoch on to our sampler at each pass: set it, so a
+                # resumed run continues the right epoch's order.
+                self.train_loader.set_epoch(progress.epoch)
+                # On resume, pass over the micro-batches this epoch already used (collated, not run).
+                loader = itertools.islice(iter(self.train_loader), progress.batch_in_epoch, None)
+                for batch in loader:
+                    progress.batch_in_epoch += 1
+                    stepped = self._micro_step(batch)
+                    if not stepped:
+                        continue
+                    self._after_step()
+                    if stop.any_process(accelerator):
+                        path = self._save_checkpoint()
+                        raise RunInterrupted(
+                            f"stopped by {stop.signal_name or 'a signal'} after step {progress.step}; checkpoint "
+                            f"{path}; continue with the same command plus resume=auto "
+                            f"run.output_dir={self.run_dir}"
+                        )
+                    if progress.step >= self.total_steps:
+                        break
+                else:
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+            wall = time.perf_counter() - start
+            eval_record = self._evaluate() if self.eval_loader is not None else None
+            if eval_record:
+                self.tracker.log(progress.step, eval_record, split="eval")
+        final_dir = self._save_final()
+        self._print_summary(wall, eval_record, final_dir)
+        return RunResult(self.run_dir, progress.step, self.last_loss, progress.tokens_total, wall)
+
+    def _micro_step(self, batch: Dict[str, torch.Tensor]) -> bool:
+        """Forward/backward one micro-batch; True when an optimizer step completed."""
+        accelerator, tcfg = self.accelerator, self.tcfg
+        with accelerator.accumulate(self.model):
+            loss, metrics = self.algorithm.compute_loss(self.model, batch, train=True)
+            if not loss_is_finite(loss, accelerator):
+                self._handle_nonfinite(loss, batch)
+                return False
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
+                self.window.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.window.add(loss.detach(), metrics, batch["seq_lengths"].sum())
+        return accelerator.sync_gradients
+
+    def _handle_nonfinite(self, loss: torch.Tensor, batch: Dict[str, torch.Tensor]) -> None:
+        if not self.tcfg.skip_nonfinite:
+            found = list_checkpoints(self.run_dir)
+            rows = batch["row_index"].tolist() if "row_index" in batch else []
+            raise NonFiniteLoss(nonfinite_message(loss, self.progress.step, rows, str(found[-1]) if found else None))
+        self.progress.skipped_nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.is_main_process:
+            self.tracker.print(f"[yellow]skipped a batch with a non-finite loss at step {self.progress.step + 1}[/]")
+
+    def _after_step(self) -> None:
+        tcfg, progress = self.tcfg, self.progress
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        progress.step += 1
+        step = progress.step
+        if step == 1 or step % tcfg.logging_steps == 0 or step == self.total_steps:
+            record, tokens = self.window.flush(self.accelerator)
+            progress.tokens_total += tokens
+            self.last_loss = record["loss"]
+            record.update(lr=lr, epoch=progress.epoch + progress.batch_in_epoch / max(1, len(self.train_loader)))
+            if progress.skipped_nonfinite:
+                record["skipped_nonfinite"] = progress.skipped_nonfinite
+            self.tracker.log(step, record)
+            self.tracker.advance(step, record["loss"], lr, record["tokens_per_s"])
+        if self.eval_loader is not None and tcfg.eval_steps > 0 and step % tcfg.eval_steps == 0 and step < self.total_steps:
+            self.tracker.log(step, self._evaluate(), split="eval")
+        if tcfg.save_steps > 0 and step % tcfg.save_steps == 0 and step < self.total_steps:
+            self._save_checkpoint()
+
+    def _evaluate(self) -> Dict[str, float]:
+        """Mean of every metric over the eval set (batch means, averaged over batches and processes)."""
+        self.model.eval()
+        window = MetricWindow()
+        with torch.no_grad():
+            for batch in self.eval_loader:
+                loss, metrics = self.algorithm.compute_loss(self.model, batch, train=False)
                 window.add(loss.detach(), metrics, batch["seq_lengths"].sum())
-                if not accelerator.sync_gradients:
-                    continue
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                step += 1
-                if grad_norm is not None:
-                    window.grad_norm = grad_norm
-                if step == 1 or step % tcfg.logging_steps == 0 or step == total_steps:
-                    record, tokens = window.flush(accelerator)
-                    tokens_total += tokens
-                    last_loss = record["loss"]
-                    record.update(lr=lr, epoch=step / max(1, len(train_loader) / tcfg.gradient_accumulation_steps))
-                    tracker.log(step, record)
-                    tracker.advance(step, record["loss"], lr, record["tokens_per_s"])
-                if eval_loader is not None and tcfg.eval_steps > 0 and step % tcfg.eval_steps == 0 and step < total_steps:
-                    tracker.log(step, evaluate(algorithm, model, eval_loader, accelerator), split="eval")
-                if tcfg.save_steps > 0 and step % tcfg.save_steps == 0 and step < total_steps:
-                    _save_checkpoint(run_dir, step, algorithm, model, tokenizer, optimizer, scheduler, accelerator, tcfg)
-                if step >= total_steps:
-                    break
-        wall = time.perf_counter() - start
-        eval_record = evaluate(algorithm, model, eval_loader, accelerator) if eval_loader is not None else None
-        if eval_record:
-            tracker.log(step, eval_record, split="eval")
-    final_dir = run_dir / FINAL_MODEL
-    if accelerator.is_main_process:
-        unwrapped = algorithm.unwrap_for_save(accelerator.unwrap_model(model))
-        merge = bool(job.peft.merge_on_save) and job.peft.method != "none"
+        self.model.train()
+        record, _ = window.flush(self.accelerator)
+        record.pop("tokens_per_s", None)
+        return record
 
-        def write_final(folder: Path) -> None:
-            from alignctl.models.policy import save_model
+    # ------------------------------------------------------------------ saving
+    def _save_checkpoint(self) -> Path:
+        accelerator, progress = self.accelerator, self.progress
+        accelerator.wait_for_everyone()
+        path = None
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(self.model)
+            algorithm_state = self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None
+            state: Dict[str, Any] = {}
 
-            save_model(unwrapped, tokenizer, folder, merge_adapter=merge)
-            write_config(job, folder)
+            def write(folder: Path) -> None:
+                from alignctl.models.policy import save_model
 
-        write_atomically(final_dir, write_final)
-    accelerator.wait_for_everyone()
+                save_model(self.algorithm.unwrap_for_save(model), self.tokenizer, folder / "model")
+                state.update(
+                    write_training_state(
+                        folder, model, self.optimizer, self.scheduler, self.window.state_dict(), progress, algorithm_state
+                    )
+                )
 
-    if accelerator.is_main_process:
+            path = save_checkpoint(self.run_dir, progress.step, write, state, keep=self.tcfg.save_total_limit)
+        accelerator.wait_for_everyone()
+        return path
+
+    def _save_final(self) -> Path:
+        final_dir = self.run_dir / FINAL_MODEL
+        if self.accelerator.is_main_process:
+            unwrapped = self.algorithm.unwrap_for_save(self.accelerator.unwrap_model(self.model))
+            merge = bool(self.job.peft.merge_on_save) and self.job.peft.method != "none"
+
+            def write_final(folder: Path) -> None:
+                from alignctl.models.policy import save_model
+
+                save_model(unwrapped, self.tokenizer, folder, merge_adapter=merge)
+                write_config(self.job, folder)
+
+            write_atomically(final_dir, write_final)
+        self.accelerator.wait_for_everyone()
+        return final_dir
+
+    def _print_summary(self, wall: float, eval_record: Optional[Dict[str, float]], final_dir: Path) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        tcfg, progress = self.tcfg, self.progress
+        global_batch = tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * self.accelerator.num_processes
         rows = [
-            ("algorithm", title),
-            ("steps", str(step)),
-            ("global batch", str(tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * accelerator.num_processes)),
-            ("tokens", f"{tokens_total:,}"),
+            ("algorithm", self.title),
+            ("steps", str(progress.step)),
+            ("global batch", f"{global_batch} ({self.accelerator.num_processes} process(es))"),
+            ("tokens", f"{progress.tokens_total:,}"),
             ("wall time", f"{wall:.1f} s"),
-            ("tokens/s", f"{tokens_total / max(wall, 1e-9):,.1f}"),
-            ("final train loss", f"{last_loss:.4f}"),
+            ("tokens/s", f"{progress.tokens_total / max(wall, 1e-9):,.1f}"),
+            ("final train loss", f"{self.last_loss:.4f}"),
         ]
         if eval_record:
             rows.append(("final eval loss", f"{eval_record['loss']:.4f}"))
-        rows += data.notes
-        rows += [("run directory", str(run_dir)), ("model saved to", str(final_dir))]
+        if progress.skipped_nonfinite:
+            rows.append(("skipped batches", f"{progress.skipped_nonfinite} (non-finite loss)"))
+        rows += self.data.notes
+        rows += [("run directory", str(self.run_dir)), ("model saved to", str(final_dir))]
         print_summary("alignctl run summary", rows)
-    return RunResult(run_dir=run_dir, steps=step, final_loss=last_loss, tokens=tokens_total, wall_s=wall)
 
 
 def _fresh_accelerator_state() -> None:
@@ -218,75 +321,3 @@ def _fresh_accelerator_state() -> None:
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-
-
-def evaluate(algorithm: OfflineAlgorithm, model, loader, accelerator) -> Dict[str, float]:
-    """Mean of every metric over the eval set (batch means, averaged over batches and processes)."""
-    model.eval()
-    window = _Window()
-    with torch.no_grad():
-        for batch in loader:
-            loss, metrics = algorithm.compute_loss(model, batch, train=False)
-            window.add(loss.detach(), metrics, batch["seq_lengths"].sum())
-    model.train()
-    record, _ = window.flush(accelerator)
-    record.pop("tokens_per_s", None)
-    return record
-
-
-class _Window:
-    """Sums of metrics over the micro-batches since the last flush (tensors: no sync per step)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: Metrics = {}
-        self.count = 0
-        self.tokens = torch.zeros((), dtype=torch.long)
-        self.grad_norm = None
-        self.started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, metrics: Metrics, tokens: torch.Tensor) -> None:
-        for key, value in {"loss": loss, **metrics}.items():
-            value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.count += 1
-        self.tokens = self.tokens + tokens.cpu()
-
-    def flush(self, accelerator) -> Tuple[Dict[str, float], int]:
-        keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
-        stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="mean")
-        tokens = int(accelerator.reduce(self.tokens.to(accelerator.device), reduction="sum"))
-        elapsed = time.perf_counter() - self.started
-        record = {k: float(v) for k, v in zip(keys, stacked.tolist())}
-        record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-        if self.grad_norm is not None:
-            record["grad_norm"] = float(self.grad_norm)
-        self.reset()
-        return record, tokens
-
-
-def _loader(examples, collate, batch_size: int, shuffle: bool, seed: int):
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        examples, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
-    )
-
-
-def _save_checkpoint(run_dir, step, algorithm, model, tokenizer, optimizer, scheduler, accelerator, tcfg) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = algorithm.unwrap_for_save(accelerator.unwrap_model(model))
-
-        def write(folder: Path) -> None:
-            from alignctl.models.policy import save_model
-
-            save_model(unwrapped, tokenizer, folder / "model")
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-
-        save_checkpoint(run_dir, step, write, {"seed": tcfg.seed}, keep=tcfg.save_total_limit)
-    accelerator.wait_for_everyone()

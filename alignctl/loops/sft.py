@@ -46,7 +46,7 @@ class SFTAlgorithm:
         return CausalLMWithLogps(policy, chunk_size=job.train.logps_chunk_size)
 
     def setup(self, job, accelerator, model, data) -> None:
-        return None
+        self.accelerator = accelerator
 
     def compute_loss(self, model, batch: Dict[str, torch.Tensor], train: bool) -> Tuple[torch.Tensor, Metrics]:
         out = TokenLogps.from_dict(
@@ -58,6 +58,12 @@ class SFTAlgorithm:
             )
         )
         loss = token_nll(out)
+        processes = self.accelerator.num_processes
+        if processes > 1:
+            # Mean over the tokens of the global batch, not of this process's share: gradients (averaged
+            # across processes) and the logged loss then equal a single process with the whole batch.
+            global_tokens = self.accelerator.reduce(out.num_tokens.sum().detach().float(), reduction="sum")
+            loss = -out.sum_logps.sum() / global_tokens.clamp(min=1) * processes
         return loss, {"num_label_tokens": out.num_tokens.sum().float()}
 
     def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
