@@ -69,6 +69,7 @@ def compose_job(overrides: Sequence[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     _check_group_choices(overrides)
+    overrides = [_allow_new_map_key(o) for o in overrides]
     register_schemas()
     GlobalHydra.instance().clear()
     try:
@@ -79,6 +80,16 @@ def compose_job(overrides: Sequence[str]) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     return cfg
+
+
+# Free-form maps (column renames): a key a preset does not set yet is added, not refused.
+OPEN_MAPS = ("dataset.columns.",)
+
+
+def _allow_new_map_key(override: str) -> str:
+    if override.startswith(OPEN_MAPS):
+        return "++" + override
+    return override
 
 
 def _check_group_choices(overrides: Sequence[str]) -> None:

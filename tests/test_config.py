@@ -99,3 +99,8 @@ def test_cli_list_shows_registry_presets_and_recipes():
     assert result.returncode == 0, result.stderr
     for word in ("sft", "smoke/sft", "tiny", "smollm2", "lora", "bf16", "local"):
         assert word in result.stdout
+
+
+def test_column_renames_can_be_added_on_the_command_line():
+    cfg = compose_job(["dataset.columns.prompt=question", "dataset.columns.completion=answer"])
+    assert dict(cfg.dataset.columns) == {"prompt": "question", "completion": "answer"}

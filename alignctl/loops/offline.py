@@ -154,7 +154,7 @@ class _OfflineRun:
             progress=job.run.progress, tensorboard=job.run.tensorboard,
         )
         self.model.train()
-        self.last_loss = float("nan")
+        self.last_loss = self.last_padding = float("nan")
         start = time.perf_counter()
         with self.tracker, StopSignals() as stop:
             if progress.step:  # resumed: start the bar where the run stopped
@@ -204,7 +204,9 @@ class _OfflineRun:
                 self.window.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.window.add(loss.detach(), metrics, batch["seq_lengths"].sum())
+        real_tokens = batch["seq_lengths"].sum()
+        metrics = {**metrics, "padding": 1 - real_tokens.float() / batch["input_ids"].numel()}
+        self.window.add(loss.detach(), metrics, real_tokens)
         return accelerator.sync_gradients
 
     def _handle_nonfinite(self, loss: torch.Tensor, batch: Dict[str, torch.Tensor]) -> None:
@@ -226,7 +228,7 @@ class _OfflineRun:
         if step == 1 or step % tcfg.logging_steps == 0 or step == self.total_steps:
             record, tokens = self.window.flush(self.accelerator)
             progress.tokens_total += tokens
-            self.last_loss = record["loss"]
+            self.last_loss, self.last_padding = record["loss"], record["padding"]
             record.update(lr=lr, epoch=progress.epoch + progress.batch_in_epoch / max(1, len(self.train_loader)))
             if progress.skipped_nonfinite:
                 record["skipped_nonfinite"] = progress.skipped_nonfinite
@@ -303,6 +305,7 @@ class _OfflineRun:
             ("wall time", f"{wall:.1f} s"),
             ("tokens/s", f"{progress.tokens_total / max(wall, 1e-9):,.1f}"),
             ("final train loss", f"{self.last_loss:.4f}"),
+            ("padding", f"{self.last_padding:.0%} of batch positions (last logging window)"),
         ]
         if eval_record:
             rows.append(("final eval loss", f"{eval_record['loss']:.4f}"))
