@@ -170,6 +170,10 @@ class TrainConfig:
     save_total_limit: Optional[int] = None
     # Positions per chunk when the LM head is applied to compute log-probs.
     logps_chunk_size: int = 1024
+    # Batch examples of similar length (less padding): shuffle, then sort within groups of
+    # length_group_batches global batches.
+    group_by_length: bool = False
+    length_group_batches: int = 50
     # A NaN/inf loss stops the run (naming the step and rows); true skips such batches and counts them.
     skip_nonfinite: bool = False
 

@@ -128,3 +128,17 @@ def test_epochs_decide_the_step_count_when_max_steps_is_unset(tmp_path):
 
 def train_records(run_dir):
     return [r for r in read_metrics(run_dir) if r["split"] == "train"]
+
+
+def test_group_by_length_reduces_padding(tmp_path):
+    def mean_padding(name, *extra):
+        args = ["train", "recipe=smoke/dpo", "train.max_steps=8", "train.logging_steps=1", "train.save_steps=0",
+                "train.eval_steps=0", "train.per_device_batch_size=4", f"run.output_dir={tmp_path / name}",
+                "run.progress=false", *extra]
+        assert main(args) == 0
+        values = [r["padding"] for r in train_records(tmp_path / name)]
+        return sum(values) / len(values)
+
+    plain = mean_padding("plain")
+    grouped = mean_padding("grouped", "train.group_by_length=true", "train.length_group_batches=4")
+    assert grouped < plain

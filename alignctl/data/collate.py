@@ -53,3 +53,12 @@ def collate_packed(examples: Sequence, pad_token_id: int) -> Dict[str, torch.Ten
 def count_label_tokens(batch: Dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss (labels shifted: the first position never does)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def example_length(example) -> int:
+    """Longest row an example puts in a batch (for grouping examples of similar length)."""
+    if hasattr(example, "input_ids"):  # SFT
+        return len(example.input_ids)
+    if hasattr(example, "chosen_ids"):  # a preference pair
+        return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+    return len(example.prompt_ids) + len(example.completion_ids)  # KTO

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from alignctl.checkpoint import find_resume_checkpoint, list_checkpoints, save_checkpoint, write_atomically
+from alignctl.data.collate import example_length
 from alignctl.loops.guards import NonFiniteLoss, RunInterrupted, StopSignals, loss_is_finite, nonfinite_message
 from alignctl.loops.optim import build_optimizer, build_scheduler, check_precision, plan_steps
 from alignctl.loops.state import TrainProgress, read_training_state, restore_rng, write_training_state
@@ -60,17 +61,29 @@ class RunResult:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same data order."""
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same data order.
 
-    def __init__(self, size: int, seed: int) -> None:
+    With ``lengths`` (train.group_by_length) the shuffled order is cut into mega-batches of
+    ``group`` examples, each sorted by length, so a batch holds examples of similar length and
+    little padding, while the order stays random at the mega-batch scale.
+    """
+
+    def __init__(self, size: int, seed: int, lengths: Optional[List[int]] = None, group: int = 0) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
+        self.lengths, self.group = lengths, group
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is None or self.group <= 1:
+            return iter(order)
+        grouped: List[int] = []
+        for start in range(0, self.size, self.group):
+            grouped += sorted(order[start : start + self.group], key=lambda i: -self.lengths[i])
+        return iter(grouped)
 
     def __len__(self) -> int:
         return self.size
@@ -115,7 +128,7 @@ class _OfflineRun:
         train_loader = torch.utils.data.DataLoader(
             self.data.train,
             batch_size=tcfg.per_device_batch_size,
-            sampler=EpochSampler(len(self.data.train), tcfg.seed),
+            sampler=self._sampler(),
             collate_fn=self.data.collate,
         )
         eval_loader = None
@@ -133,6 +146,14 @@ class _OfflineRun:
         if resumed:
             self._restore(resumed, resume_from)
         return self._train_and_finish()
+
+    def _sampler(self) -> EpochSampler:
+        tcfg = self.tcfg
+        if not tcfg.group_by_length:
+            return EpochSampler(len(self.data.train), tcfg.seed)
+        lengths = [example_length(e) for e in self.data.train]
+        group = tcfg.per_device_batch_size * self.accelerator.num_processes * tcfg.length_group_batches
+        return EpochSampler(len(lengths), tcfg.seed, lengths, group)
 
     def _restore(self, resumed: Dict[str, Any], folder: Path) -> None:
         self.optimizer.load_state_dict(resumed["optimizer"])
