@@ -48,7 +48,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except AlignctlError as exc:
         console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
-        return getattr(exc, "exit_code", 2)
+        from alignctl.launch import report_error
+
+        code = getattr(exc, "exit_code", 2)
+        report_error(str(exc), code)  # in a process started by `accelerate launch`: tell the parent
+        return code
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
