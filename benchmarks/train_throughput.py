@@ -33,6 +33,7 @@ CASES = {
     "dpo-full": ["algo=dpo", *PAIRS],
     "dpo-lora": ["algo=dpo", *PAIRS, "peft=lora", "peft.r=16", "train.lr=5e-5"],
     "dpo-precomputed": ["algo=dpo", *PAIRS, "algo.precompute_ref_logps=true"],
+    "dpo-full-grouped": ["algo=dpo", *PAIRS, "train.group_by_length=true"],
     # SFT on the chosen dialogues as text, batch 8
     "sft": ["algo=sft", "dataset.columns.text=chosen", "algo.max_length=256", "train.per_device_batch_size=8"],
     "sft-packed": ["algo=sft", "dataset.columns.text=chosen", "algo.max_length=256", "train.per_device_batch_size=8",

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tupl
 import torch
 from omegaconf import DictConfig
 
-from alignctl.checkpoint import find_resume_checkpoint, list_checkpoints, save_checkpoint, write_atomically
+from alignctl.checkpoint import checkpoint_path, find_resume_checkpoint, list_checkpoints, save_checkpoint, write_atomically
 from alignctl.data.collate import example_length
 from alignctl.loops.guards import NonFiniteLoss, RunInterrupted, StopSignals, loss_is_finite, nonfinite_message
 from alignctl.loops.optim import build_optimizer, build_scheduler, check_precision, plan_steps
@@ -277,7 +277,7 @@ class _OfflineRun:
     def _save_checkpoint(self) -> Path:
         accelerator, progress = self.accelerator, self.progress
         accelerator.wait_for_everyone()
-        path = None
+        path = checkpoint_path(self.run_dir, progress.step)
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(self.model)
             algorithm_state = self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None
@@ -293,7 +293,7 @@ class _OfflineRun:
                     )
                 )
 
-            path = save_checkpoint(self.run_dir, progress.step, write, state, keep=self.tcfg.save_total_limit)
+            save_checkpoint(self.run_dir, progress.step, write, state, keep=self.tcfg.save_total_limit)
         accelerator.wait_for_everyone()
         return path
 

@@ -64,7 +64,7 @@ class SFTAlgorithm:
             # across processes) and the logged loss then equal a single process with the whole batch.
             global_tokens = self.accelerator.reduce(out.num_tokens.sum().detach().float(), reduction="sum")
             loss = -out.sum_logps.sum() / global_tokens.clamp(min=1) * processes
-        return loss, {"num_label_tokens": out.num_tokens.sum().float()}
+        return loss, {}
 
     def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model
