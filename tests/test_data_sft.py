@@ -163,3 +163,8 @@ def test_collate_pads_to_longest_in_batch(tiny_tokenizer):
     assert batch["input_ids"].shape == (2, longest)
     assert batch["attention_mask"].sum().item() == sum(len(e.input_ids) for e in data.examples)
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_hub_dataset_offline_is_a_clear_error():
+    with pytest.raises(DataError, match=r"dataset.path=someone/some-dataset: not a local file or directory.*go online"):
+        load_rows(DatasetConfig(name="x", path="someone/some-dataset"), seed=0)
