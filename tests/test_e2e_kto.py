@@ -11,7 +11,7 @@ from conftest import run_cli
 
 KTO_METRICS = {
     "loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-    "logits/chosen", "logits/rejected", "count/chosen", "count/rejected",
+    "logits/chosen", "logits/rejected",
 }
 QUICK = ["train.save_steps=0", "train.eval_steps=0", "train.logging_steps=1", "run.progress=false"]
 
@@ -43,7 +43,6 @@ def test_kto_smoke_recipe_through_the_cli(tmp_path):
     assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)
     assert first["loss"] == pytest.approx(0.5, abs=1e-6)
-    assert first["count/chosen"] + first["count/rejected"] == 8
     # a separable set: the implicit reward of desirable completions ends above that of undesirable ones
     last = train[-5:]
     assert sum(r["rewards/chosen"] > r["rewards/rejected"] for r in last) == 5
@@ -83,10 +82,11 @@ def test_unpaired_smoke_kto_dataset(tmp_path):
 
 
 def test_batches_of_one_and_apo_zero_never_log_nan(tmp_path):
-    # every micro-batch holds one kind only: the other kind's metrics are 0 (with count 0), never NaN
+    # every micro-batch holds one kind only: a window logs the kinds it saw, exactly, never NaN
     train = kto_run(tmp_path, "b1", "train.per_device_batch_size=1", "train.gradient_accumulation_steps=2", steps=3)
-    assert all_finite(train) and all(r["rewards/margins"] == 0 for r in train)
-    assert all(r["count/chosen"] + r["count/rejected"] == 1 for r in train)
+    assert all_finite(train)
+    assert all("rewards/margins" not in r for r in train)  # no micro-batch held both kinds
+    assert all(("rewards/chosen" in r) or ("rewards/rejected" in r) for r in train)
     apo = kto_run(tmp_path, "apo", "algo.loss_type=apo_zero_unpaired", steps=2)
     assert all_finite(apo) and all(r["kl"] == 0 for r in apo)
 
@@ -123,3 +123,31 @@ def test_unknown_loss_type_lists_valid_ones(tmp_path):
     result = run_cli("train", "recipe=smoke/kto", "algo.loss_type=sigmoid", f"run.output_dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "algo.loss_type='sigmoid'" in result.stderr and "apo_zero_unpaired" in result.stderr
+
+
+def test_kto_metrics_are_exact_means_over_the_window():
+    import torch
+
+    from alignctl.loops.kto import kto_metrics
+    from alignctl.loops.window import MetricWindow
+    from alignctl.losses.kto import KTOLossOutput
+    from alignctl.models.logps import TokenLogps
+
+    class OneProcess:
+        device = torch.device("cpu")
+
+        @staticmethod
+        def reduce(tensor, reduction):
+            return tensor
+
+    window = MetricWindow()
+    # micro-batch 1: two desirable (rewards 1, 3), micro-batch 2: one undesirable (reward -2) and one desirable (5)
+    for labels, chosen, rejected in (([True, True], [1.0, 3.0], []), ([False, True], [5.0], [-2.0])):
+        desirable = torch.tensor(labels)
+        out = TokenLogps(sum_logps=torch.zeros(2), num_tokens=torch.ones(2, dtype=torch.long), logits_sum=torch.zeros(2))
+        result = KTOLossOutput(torch.zeros(2), torch.tensor(chosen), torch.tensor(rejected), torch.zeros(()))
+        window.add(torch.zeros(()), kto_metrics(result, out, desirable), torch.tensor(4))
+    record, _ = window.flush(OneProcess())
+    assert record["rewards/chosen"] == pytest.approx(3.0)  # (1 + 3 + 5) / 3, not the mean of batch means (3.5)
+    assert record["rewards/rejected"] == pytest.approx(-2.0)  # one micro-batch had none: not diluted
+    assert record["rewards/margins"] == pytest.approx(7.0)  # only the micro-batch holding both kinds

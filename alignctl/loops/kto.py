@@ -12,21 +12,10 @@ kind. With ``loss_type=apo_zero_unpaired`` no KL rows are built (TRL's ``calcula
 When the data set has a single example there is no mismatched pair and the KL estimate is 0.
 
 Metrics (names as TRL's): ``kl``; ``rewards/chosen``, ``logps/chosen``, ``logits/chosen`` over the
-batch's desirable examples, ``.../rejected`` over its undesirable ones; ``rewards/margins``;
-``count/chosen``, ``count/rejected``. The driver averages each metric over the micro-batches of a
-logging window with equal weights and needs the same keys every time (and on every process), so:
-
-- a per-kind metric is the mean over that kind in the micro-batch, and **0 when the micro-batch has
-  none of that kind** (never NaN); ``count/*`` (examples of each kind per micro-batch) says how
-  often that happens. With mixed batches (the usual case for batch sizes >= 4) the logged values
-  are TRL's; windows holding micro-batches without one kind report that kind's mean diluted
-  towards 0 by the share of such micro-batches (with ``per_device_batch_size=1``,
-  ``rewards/chosen / count/chosen`` is the exact window mean);
-- ``rewards/margins`` = ``rewards/chosen - rewards/rejected`` of the micro-batch when it holds both
-  kinds, else 0.
-
-TRL instead sums over the logging window and divides by the window's counts; the driver here has
-no per-metric weights, hence the convention above.
+desirable examples, ``.../rejected`` over the undesirable ones, ``rewards/margins``. Per-kind values
+are weighted by the number of examples of that kind (``Weighted`` in loops/window.py), so the
+logged value is the exact mean over the logging window and the processes, as TRL logs it, however
+the kinds fall into micro-batches; a window without one kind logs nothing for it (never NaN).
 """
 
 from __future__ import annotations
@@ -40,7 +29,8 @@ from omegaconf import DictConfig
 from alignctl.data.kto import build_kto_examples, collate_kto, warn_if_unbalanced
 from alignctl.data.load import load_rows
 from alignctl.errors import ConfigError
-from alignctl.loops.offline import Metrics, PreparedData, RunResult, run_offline
+from alignctl.loops.offline import PreparedData, RunResult, run_offline
+from alignctl.loops.window import Metrics, Weighted
 from alignctl.loops.preference import attach_reference, build_policy_with_reference, forward_pairs
 from alignctl.losses.kto import KTO_LOSS_TYPES, KTOLossOutput, kto_loss
 from alignctl.models.logps import TokenLogps
@@ -155,25 +145,25 @@ class KTOAlgorithm:
 
 
 def kto_metrics(result: KTOLossOutput, out: TokenLogps, desirable: torch.Tensor) -> Metrics:
-    """TRL's metric names; per kind, the micro-batch mean over that kind or 0 when it has none."""
+    """TRL's metric names. Per-kind values are weighted by how many examples of that kind a
+    micro-batch holds, so the logged value is the exact mean over the logging window (and the
+    processes); a window without one kind logs nothing for it."""
     n = desirable.shape[0]
     logps = out.sum_logps[:n].detach()
     logits_sum, tokens = out.logits_sum[:n], out.num_tokens[:n]
-    zero = logps.new_zeros(())
     metrics: Metrics = {"kl": result.kl.detach().float()}
-    means = {}
-    for kind, mask, rewards in (("chosen", desirable, result.chosen_rewards), ("rejected", ~desirable, result.rejected_rewards)):
-        count = int(mask.sum())
-        present = count > 0
-        means[kind] = rewards.mean() if present else zero
-        metrics[f"rewards/{kind}"] = means[kind]
-        metrics[f"logps/{kind}"] = logps[mask].mean() if present else zero
-        metrics[f"logits/{kind}"] = (
-            logits_sum[mask].sum() / tokens[mask].sum().clamp(min=1).to(logits_sum.dtype) if present else zero
-        )
-        metrics[f"count/{kind}"] = zero + count
+    kinds = (("chosen", desirable, result.chosen_rewards), ("rejected", ~desirable, result.rejected_rewards))
+    for kind, mask, rewards in kinds:
+        count = mask.sum().float()
+        metrics[f"rewards/{kind}"] = Weighted(rewards.detach().sum(), count)
+        metrics[f"logps/{kind}"] = Weighted(logps[mask].sum(), count)
+        metrics[f"logits/{kind}"] = Weighted(logits_sum[mask].sum(), tokens[mask].sum().float())
     both = result.chosen_rewards.numel() > 0 and result.rejected_rewards.numel() > 0
-    metrics["rewards/margins"] = means["chosen"] - means["rejected"] if both else zero
+    if both:
+        margin = result.chosen_rewards.detach().mean() - result.rejected_rewards.detach().mean()
+        metrics["rewards/margins"] = Weighted(margin, margin.new_ones(()))
+    else:
+        metrics["rewards/margins"] = Weighted(logps.new_zeros(()), logps.new_zeros(()))
     return metrics
 
 

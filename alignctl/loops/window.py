@@ -1,13 +1,25 @@
-"""Metric aggregation between log lines: sums of tensors, reduced across processes on flush."""
+"""Metric aggregation between log lines: sums of tensors, reduced across processes on flush.
+
+A metric is either a tensor (a per-micro-batch value, averaged with equal weight over the
+micro-batches of the window and the processes) or a ``Weighted(total, weight)`` pair, whose
+window value is sum(total) / sum(weight) over micro-batches and processes: the exact mean of
+something that only some examples of a batch have (KTO's desirable or undesirable rewards).
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, NamedTuple, Tuple, Union
 
 import torch
 
-Metrics = Dict[str, torch.Tensor]
+
+class Weighted(NamedTuple):
+    total: torch.Tensor  # sum of the values in this micro-batch
+    weight: torch.Tensor  # how many values (0 when there were none)
+
+
+Metrics = Dict[str, Union[torch.Tensor, Weighted]]
 
 
 class MetricWindow:
@@ -17,35 +29,49 @@ class MetricWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: Metrics = {}
-        self.count = 0
+        self.totals: Dict[str, torch.Tensor] = {}
+        self.weights: Dict[str, torch.Tensor] = {}
         self.tokens = torch.zeros((), dtype=torch.long)
         self.grad_norm = None
         self.started = time.perf_counter()
 
     def add(self, loss: torch.Tensor, metrics: Metrics, tokens: torch.Tensor) -> None:
         for key, value in {"loss": loss, **metrics}.items():
-            value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.count += 1
+            if isinstance(value, Weighted):
+                total, weight = value.total.detach().float(), value.weight.detach().float()
+            else:
+                total = value.detach().float()
+                weight = torch.ones((), device=total.device)
+            if key in self.totals:
+                self.totals[key] = self.totals[key] + total
+                self.weights[key] = self.weights[key] + weight
+            else:
+                self.totals[key], self.weights[key] = total, weight
         self.tokens = self.tokens + tokens.cpu()
 
     def state_dict(self) -> Dict[str, Any]:
         """What a checkpoint keeps so a resumed run logs the same averages."""
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count, "tokens": self.tokens}
+        return {
+            "totals": {k: v.cpu() for k, v in self.totals.items()},
+            "weights": {k: v.cpu() for k, v in self.weights.items()},
+            "tokens": self.tokens,
+        }
 
     def load_state_dict(self, state: Dict[str, Any], device) -> None:
-        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
-        self.count = int(state["count"])
+        self.totals = {k: v.to(device) for k, v in state["totals"].items()}
+        self.weights = {k: v.to(device) for k, v in state["weights"].items()}
         self.tokens = state["tokens"]
 
     def flush(self, accelerator) -> Tuple[Dict[str, float], int]:
-        keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
-        stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="mean")
-        tokens = int(accelerator.reduce(self.tokens.to(accelerator.device), reduction="sum"))
+        keys = sorted(self.totals)
+        device = accelerator.device
+        totals = torch.stack([self.totals[k].to(device) for k in keys])
+        weights = torch.stack([self.weights[k].to(device) for k in keys])
+        both = accelerator.reduce(torch.stack([totals, weights]), reduction="sum")
+        means = both[0] / both[1].clamp(min=1e-12)
+        tokens = int(accelerator.reduce(self.tokens.to(device), reduction="sum"))
         elapsed = time.perf_counter() - self.started
-        record = {k: float(v) for k, v in zip(keys, stacked.tolist())}
+        record = {k: float(v) for k, v, w in zip(keys, means.tolist(), both[1].tolist()) if w > 0}
         record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
