@@ -19,6 +19,7 @@ plain run (max abs diff and max diff relative to the largest magnitude).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -115,14 +116,17 @@ def worker(args) -> None:
 
     times = []
     out = None
+    if args.no_grad:  # a reference-model forward: no autograd graph at all
+        model.eval()
     for _ in range(args.repeats):
         model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = fn(model, input_ids, attention_mask, labels, chunk_size=args.chunk_size)
-        loss = token_nll(out)
-        loss.backward()
+        with torch.no_grad() if args.no_grad else contextlib.nullcontext():
+            out = fn(model, input_ids, attention_mask, labels, chunk_size=args.chunk_size)
+        if not args.no_grad:
+            token_nll(out).backward()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -153,6 +157,8 @@ def _run_worker(path: str, chunk_size: int, args, out_file: str) -> dict:
     for k in ("vocab", "hidden", "intermediate", "layers", "batch", "seq", "repeats", "seed", "threads"):
         cmd += [f"--{k}", str(getattr(args, k))]
     cmd += ["--prompt-frac", str(args.prompt_frac), "--device", args.device, "--dtype", args.dtype]
+    if args.no_grad:
+        cmd.append("--no-grad")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -175,6 +181,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--no-grad", action="store_true", help="forward only, as for a reference model")
     p.add_argument("--worker", choices=["plain", "lean"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -197,7 +204,7 @@ def main(argv=None) -> None:
         f"model: Llama vocab={args.vocab} hidden={args.hidden} layers={args.layers} (tied), "
         f"batch={args.batch} seq={args.seq} prompt_frac={args.prompt_frac}, "
         f"device={args.device} dtype={args.dtype} threads={args.threads or torch.get_num_threads()}, "
-        f"repeats={args.repeats}"
+        f"repeats={args.repeats}, {'forward only (no grad)' if args.no_grad else 'forward + backward'}"
     )
     full_logits_mb = args.batch * args.seq * args.vocab * 4 / 2**20
     print(f"(one fp32 [batch, seq, vocab] logits tensor = {full_logits_mb:.0f} MB)")
@@ -207,7 +214,7 @@ def main(argv=None) -> None:
         for path, chunk in runs:
             out_file = os.path.join(tmp, f"{path}_{chunk}.pt")
             info = _run_worker(path, chunk, args, out_file)
-            data = torch.load(out_file)
+            data = torch.load(out_file, weights_only=True)
             if ref is None:
                 ref = data
                 abs_diff = rel_diff = 0.0

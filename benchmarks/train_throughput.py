@@ -32,12 +32,17 @@ PAIRS = ["algo.max_length=256", "algo.max_prompt_length=128", "train.per_device_
 CASES = {
     "dpo-full": ["algo=dpo", *PAIRS],
     "dpo-lora": ["algo=dpo", *PAIRS, "peft=lora", "peft.r=16", "train.lr=5e-5"],
-    "dpo-precomputed": ["algo=dpo", *PAIRS, "algo.precompute_ref_logps=true"],
+    # precomputing covers the whole data set: limit it to the 64 pairs that 16 steps of 4 use
+    "dpo-precomputed": ["algo=dpo", *PAIRS, "algo.precompute_ref_logps=true", "dataset.max_rows=64"],
     "dpo-full-grouped": ["algo=dpo", *PAIRS, "train.group_by_length=true"],
+    # the lean set-up: batches of similar length, activations recomputed in backward
+    "dpo-full-grouped-gc": ["algo=dpo", *PAIRS, "train.group_by_length=true", "train.gradient_checkpointing=true"],
     # SFT on the chosen dialogues as text, batch 8
     "sft": ["algo=sft", "dataset.columns.text=chosen", "algo.max_length=256", "train.per_device_batch_size=8"],
     "sft-packed": ["algo=sft", "dataset.columns.text=chosen", "algo.max_length=256", "train.per_device_batch_size=8",
                    "algo.packing=true"],
+    "sft-packed-gc": ["algo=sft", "dataset.columns.text=chosen", "algo.max_length=256",
+                      "train.per_device_batch_size=8", "algo.packing=true", "train.gradient_checkpointing=true"],
 }
 
 
