@@ -27,11 +27,10 @@ import torch
 from omegaconf import DictConfig
 
 from alignctl.data.kto import build_kto_examples, collate_kto, warn_if_unbalanced
-from alignctl.data.load import load_rows
 from alignctl.errors import ConfigError
 from alignctl.loops.offline import PreparedData, RunResult, run_offline
 from alignctl.loops.window import Metrics, Weighted
-from alignctl.loops.preference import attach_reference, build_policy_with_reference, forward_pairs
+from alignctl.loops.preference import attach_reference, build_policy_with_reference, build_splits, forward_pairs
 from alignctl.losses.kto import KTO_LOSS_TYPES, KTOLossOutput, kto_loss
 from alignctl.models.logps import TokenLogps
 from alignctl.models.reference import ReferenceModel
@@ -58,22 +57,7 @@ class KTOAlgorithm:
         for name in ("desirable_weight", "undesirable_weight"):
             if cfg[name] < 0:
                 raise ConfigError(f"algo.{name}={cfg[name]}: must be >= 0")
-        raw = load_rows(job.dataset, seed=job.train.seed)
-
-        def build(rows):
-            return build_kto_examples(
-                rows,
-                tokenizer,
-                max_length=cfg.max_length,
-                max_prompt_length=cfg.max_prompt_length,
-                truncation_mode=cfg.truncation_mode,
-                add_eos=cfg.add_eos,
-                skip_invalid=job.dataset.skip_invalid,
-                kl_pairs=self.uses_kl,
-            )
-
-        train = build(raw.train)
-        eval_data = build(raw.eval) if raw.eval else None
+        raw, train, eval_data = build_splits(job, tokenizer, build_kto_examples, kl_pairs=self.uses_kl)
         counts = f"{train.num_desirable} desirable + {train.num_undesirable} undesirable train examples"
         if eval_data:
             counts += f", {len(eval_data.examples)} eval"

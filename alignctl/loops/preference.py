@@ -17,13 +17,16 @@ from alignctl.models.policy import build_policy
 from alignctl.models.reference import ReferenceModel, disable_dropout
 
 
-def prepare_pair_data(job: DictConfig, tokenizer) -> PreparedData:
-    """Rows -> PairExamples for train and eval, with a collate that keeps precomputed ref log-probs."""
+def build_splits(job: DictConfig, tokenizer, build_examples, **extra):
+    """Load the data set and build train and eval examples with the algo's length settings.
+
+    ``build_examples`` is build_pair_examples or build_kto_examples; returns (raw, train, eval or None).
+    """
     cfg = job.algo
     raw = load_rows(job.dataset, seed=job.train.seed)
 
     def build(rows):
-        return build_pair_examples(
+        return build_examples(
             rows,
             tokenizer,
             max_length=cfg.max_length,
@@ -31,10 +34,15 @@ def prepare_pair_data(job: DictConfig, tokenizer) -> PreparedData:
             truncation_mode=cfg.truncation_mode,
             add_eos=cfg.add_eos,
             skip_invalid=job.dataset.skip_invalid,
+            **extra,
         )
 
-    train = build(raw.train)
-    eval_data = build(raw.eval) if raw.eval else None
+    return raw, build(raw.train), build(raw.eval) if raw.eval else None
+
+
+def prepare_pair_data(job: DictConfig, tokenizer) -> PreparedData:
+    """Rows -> PairExamples for train and eval, with a collate that keeps precomputed ref log-probs."""
+    raw, train, eval_data = build_splits(job, tokenizer, build_pair_examples)
     notes = [("data", f"{raw.source} ({train.format}, {len(train.examples)} train pairs"
               + (f", {len(eval_data.examples)} eval pairs)" if eval_data else ")"))]
     if train.skipped:
