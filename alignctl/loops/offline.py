@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from alignctl.checkpoint import checkpoint_path, find_resume_checkpoint, list_checkpoints, save_checkpoint, write_atomically
 from alignctl.data.collate import example_length
+from alignctl.errors import ConfigError
 from alignctl.loops.guards import NonFiniteLoss, RunInterrupted, StopSignals, loss_is_finite, nonfinite_message
 from alignctl.loops.optim import build_optimizer, build_scheduler, check_precision, plan_steps
 from alignctl.loops.state import TrainProgress, read_training_state, restore_rng, write_training_state
@@ -114,6 +115,7 @@ class _OfflineRun:
             mixed_precision=mixed_precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps
         )
         set_seed(tcfg.seed)
+        self._check_sharded_options()
         if accelerator.is_main_process:
             write_config(job, self.run_dir)
             if resume_from is None:
@@ -278,6 +280,7 @@ class _OfflineRun:
         accelerator, progress = self.accelerator, self.progress
         accelerator.wait_for_everyone()
         path = checkpoint_path(self.run_dir, progress.step)
+        gathered = self._gathered_weights()  # every process takes part when weights are sharded
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(self.model)
             algorithm_state = self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None
@@ -286,12 +289,13 @@ class _OfflineRun:
             def write(folder: Path) -> None:
                 from alignctl.models.policy import save_model
 
-                save_model(self.algorithm.unwrap_for_save(model), self.tokenizer, folder / "model")
-                state.update(
-                    write_training_state(
-                        folder, model, self.optimizer, self.scheduler, self.window.state_dict(), progress, algorithm_state
+                save_model(self.algorithm.unwrap_for_save(model), self.tokenizer, folder / "model", state_dict=gathered)
+                if gathered is None:  # sharded runs keep the weights only (see read_training_state)
+                    state.update(
+                        write_training_state(
+                            folder, model, self.optimizer, self.scheduler, self.window.state_dict(), progress, algorithm_state
+                        )
                     )
-                )
 
             save_checkpoint(self.run_dir, progress.step, write, state, keep=self.tcfg.save_total_limit)
         accelerator.wait_for_everyone()
@@ -299,6 +303,7 @@ class _OfflineRun:
 
     def _save_final(self) -> Path:
         final_dir = self.run_dir / FINAL_MODEL
+        gathered = self._gathered_weights()
         if self.accelerator.is_main_process:
             unwrapped = self.algorithm.unwrap_for_save(self.accelerator.unwrap_model(self.model))
             merge = bool(self.job.peft.merge_on_save) and self.job.peft.method != "none"
@@ -306,12 +311,37 @@ class _OfflineRun:
             def write_final(folder: Path) -> None:
                 from alignctl.models.policy import save_model
 
-                save_model(unwrapped, self.tokenizer, folder, merge_adapter=merge)
+                save_model(unwrapped, self.tokenizer, folder, merge_adapter=merge, state_dict=gathered)
                 write_config(self.job, folder)
 
             write_atomically(final_dir, write_final)
         self.accelerator.wait_for_everyone()
         return final_dir
+
+    def _check_sharded_options(self) -> None:
+        from accelerate.utils import DistributedType
+
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if sharded and self.job.peft.merge_on_save and self.job.peft.method != "none":
+            raise ConfigError(
+                "peft.merge_on_save=true is not available under launcher=fsdp or deepspeed (the weights are "
+                "sharded); train without it and merge the saved adapter afterwards (peft merge_and_unload)"
+            )
+        if sharded and self.job.resume:
+            raise ConfigError("resume under launcher=fsdp or deepspeed is not supported yet (sharded optimizer state)")
+
+    def _gathered_weights(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Under FSDP or DeepSpeed the weights are sharded: gather a full state dict (named as in the
+        model that is saved) on the main process. None when every process holds whole weights."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return None
+        full = self.accelerator.get_state_dict(self.model)
+        outer = self.accelerator.unwrap_model(self.model)
+        saved = self.algorithm.unwrap_for_save(outer)
+        prefix = next((name + "." for name, module in outer.named_modules() if module is saved and name), "")
+        return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in full.items()}
 
     def _print_summary(self, wall: float, eval_record: Optional[Dict[str, float]], final_dir: Path) -> None:
         if not self.accelerator.is_main_process:

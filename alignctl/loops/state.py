@@ -62,6 +62,12 @@ def read_training_state(folder: Path, model: torch.nn.Module) -> Dict[str, Any]:
     """Load trainable weights into ``model`` (before accelerate.prepare) and return the rest."""
     from safetensors.torch import load_file
 
+    if not (folder / TRAINABLE_FILE).exists():
+        raise AlignctlError(
+            f"checkpoint {folder} holds model weights only (written under launcher=fsdp or deepspeed, whose "
+            f"sharded optimizer state alignctl does not resume yet); start a new run from them with "
+            f"model.name_or_path={folder / 'model'}"
+        )
     weights = load_file(str(folder / TRAINABLE_FILE))
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
