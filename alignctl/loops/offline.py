@@ -57,7 +57,7 @@ class RunResult:
     run_dir: Path
     steps: int
     final_loss: float
-    tokens: int
+    tokens: int  # trained by this process (a resumed run counts from where it resumed)
     wall_s: float
 
 
@@ -178,6 +178,7 @@ class _OfflineRun:
         )
         self.model.train()
         self.last_loss = self.last_padding = float("nan")
+        self.tokens_before = progress.tokens_total  # > 0 when resumed: not part of this process's speed
         start = time.perf_counter()
         with self.tracker, StopSignals() as stop:
             if progress.step:  # resumed: start the bar where the run stopped
@@ -212,7 +213,7 @@ class _OfflineRun:
                 self.tracker.log(progress.step, eval_record, split="eval")
         final_dir = self._save_final()
         self._print_summary(wall, eval_record, final_dir)
-        return RunResult(self.run_dir, progress.step, self.last_loss, progress.tokens_total, wall)
+        return RunResult(self.run_dir, progress.step, self.last_loss, progress.tokens_total - self.tokens_before, wall)
 
     def _micro_step(self, batch: Dict[str, torch.Tensor]) -> bool:
         """Forward/backward one micro-batch; True when an optimizer step completed."""
@@ -354,7 +355,7 @@ class _OfflineRun:
             ("global batch", f"{global_batch} ({self.accelerator.num_processes} process(es))"),
             ("tokens", f"{progress.tokens_total:,}"),
             ("wall time", f"{wall:.1f} s"),
-            ("tokens/s", f"{progress.tokens_total / max(wall, 1e-9):,.1f}"),
+            ("tokens/s", f"{(progress.tokens_total - self.tokens_before) / max(wall, 1e-9):,.1f}"),
             ("final train loss", f"{self.last_loss:.4f}"),
             ("padding", f"{self.last_padding:.0%} of batch positions (last logging window)"),
         ]
