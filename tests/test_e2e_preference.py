@@ -116,3 +116,18 @@ def test_reward_margin_column(tmp_path):
     first = records(tmp_path / "run")[0]
     # untrained head: rewards near 0, so the loss is near -log sigmoid(-1) = log(1 + e)
     assert first["loss"] == pytest.approx(math.log(1 + math.e), abs=0.2)
+
+
+def test_bco_running_mean_uses_every_process_batch_mean():
+    import torch
+
+    from alignctl.loops.dpo import GatheredMoments
+
+    class TwoProcesses:  # another process contributed a batch mean of 3.0
+        @staticmethod
+        def gather(tensor):
+            return torch.cat([tensor, torch.tensor([3.0])])
+
+    moments = GatheredMoments(TwoProcesses())
+    moments.update(torch.tensor(1.0))
+    assert moments.mean == pytest.approx(2.0) and moments.count == pytest.approx(2.0)

@@ -25,6 +25,18 @@ from alignctl.models.reference import ReferenceModel
 AVERAGED_LOSS_TYPES = ("ipo",)
 
 
+class GatheredMoments(RunningMoments):
+    """bco_pair's running statistics fed with every process's batch reward mean (as the reference
+    library gathers them), so all processes hold the same running mean."""
+
+    def __init__(self, accelerator) -> None:
+        super().__init__()
+        self._accelerator = accelerator
+
+    def update(self, xs: torch.Tensor) -> None:
+        super().update(self._accelerator.gather(xs.detach().reshape(-1)))
+
+
 class DPOAlgorithm:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -43,6 +55,8 @@ class DPOAlgorithm:
 
     def setup(self, job: DictConfig, accelerator, model: torch.nn.Module, data: PreparedData) -> None:
         self.autocast = accelerator.autocast
+        if accelerator.num_processes > 1:
+            self.running = GatheredMoments(accelerator)
         attach_reference(self.reference, job, accelerator, model, data)
 
     def compute_loss(self, model, batch: Dict[str, torch.Tensor], train: bool) -> Tuple[torch.Tensor, Metrics]:
