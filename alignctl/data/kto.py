@@ -50,7 +50,7 @@ import torch
 
 from alignctl.data.collate import pad_right
 from alignctl.data.encode import IGNORE_INDEX, encode_completion, encode_prompt, render_chat_completion
-from alignctl.data.load import Row, require_messages
+from alignctl.data.load import Row, encode_each, require_messages
 from alignctl.data.pairwise import (
     CHAT_SUFFIX,
     PairExample,
@@ -176,17 +176,11 @@ def build_kto_examples(
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     fmt = detect_kto_format(rows)
     bos = tokenizer.bos_token_id
-    examples: List[KTOExample] = []
-    skipped = 0
     if fmt.startswith(UNPAIRED):
-        candidates = []
-        for row in rows:
-            try:
-                candidates.append(_encode_unpaired_row(row, fmt.endswith(CHAT_SUFFIX), tokenizer, add_eos))
-            except DataError:
-                if not skip_invalid:
-                    raise
-                skipped += 1
+        chat = fmt.endswith(CHAT_SUFFIX)
+        candidates, skipped = encode_each(
+            rows, lambda row: _encode_unpaired_row(row, chat, tokenizer, add_eos), skip_invalid
+        )
     else:
         # The pairwise path validates, extracts implicit prompts and tokenizes (prompt ids shared);
         # truncation is left to the per-example step below, so the limit here is "none".
@@ -202,15 +196,12 @@ def build_kto_examples(
         skipped = pairs.skipped
         candidates = unpair(pairs.examples)
         fmt += CONVERTED
-    for example in candidates:
-        try:
-            truncate_example(example, max_length, max_prompt_length, truncation_mode, bos_token_id=bos)
-        except DataError:
-            if not skip_invalid:
-                raise
-            skipped += 1
-            continue
-        examples.append(example)
+    examples, too_long = encode_each(
+        candidates,
+        lambda example: truncate_example(example, max_length, max_prompt_length, truncation_mode, bos_token_id=bos),
+        skip_invalid,
+    )
+    skipped += too_long
     if not examples:
         raise DataError(f"no usable KTO examples left ({skipped} rows were skipped as invalid)")
     data = KTOData(examples=examples, skipped=skipped, format=fmt)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from alignctl.config import DatasetConfig
 from alignctl.errors import DataError
 
+T = TypeVar("T")
+U = TypeVar("U")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent / "smoke"
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -134,6 +136,23 @@ def _read_hub(cfg: DatasetConfig, split: str) -> List[Dict[str, Any]]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def encode_each(items: Sequence[T], encode: Callable[[T], U], skip_invalid: bool) -> Tuple[List[U], int]:
+    """``encode`` every item; a DataError stops the run, or with ``skip_invalid`` drops the item.
+
+    Returns the encoded items and how many were dropped.
+    """
+    out: List[U] = []
+    skipped = 0
+    for item in items:
+        try:
+            out.append(encode(item))
+        except DataError:
+            if not skip_invalid:
+                raise
+            skipped += 1
+    return out, skipped
 
 
 def require_text(row: Row, field: str, *, allow_empty: bool = False) -> str:

@@ -32,7 +32,7 @@ from alignctl.data.encode import (
     render_chat_completion,
     truncate,
 )
-from alignctl.data.load import Row, require_messages
+from alignctl.data.load import Row, encode_each, require_messages
 from alignctl.errors import ConfigError, DataError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -156,18 +156,13 @@ def build_pair_examples(
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     fmt = detect_pair_format(rows)
     with_margin = any("margin" in row.data for row in rows)
-    examples: List[PairExample] = []
-    skipped = 0
-    for row in rows:
-        try:
-            example = _encode_row(row, fmt, tokenizer, add_eos)
-            example.margin = _margin(row) if with_margin else None
-            truncate_pair(example, max_length, max_prompt_length, truncation_mode, bos_token_id=tokenizer.bos_token_id)
-            examples.append(example)
-        except DataError:
-            if not skip_invalid:
-                raise
-            skipped += 1
+
+    def encode(row: Row) -> PairExample:
+        example = _encode_row(row, fmt, tokenizer, add_eos)
+        example.margin = _margin(row) if with_margin else None
+        return truncate_pair(example, max_length, max_prompt_length, truncation_mode, bos_token_id=tokenizer.bos_token_id)
+
+    examples, skipped = encode_each(rows, encode, skip_invalid)
     if not examples:
         raise DataError(f"no usable preference pairs left ({skipped} rows were skipped as invalid)")
     return PairData(examples=examples, skipped=skipped, format=fmt)

@@ -21,7 +21,7 @@ from alignctl.data.encode import (
     render_chat_completion,
     truncate,
 )
-from alignctl.data.load import Row, require_messages, require_text
+from alignctl.data.load import Row, encode_each, require_messages, require_text
 from alignctl.errors import DataError
 
 FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -56,15 +56,7 @@ def detect_format(rows: List[Row]) -> str:
 def build_sft_examples(rows: List[Row], tokenizer, cfg: SFTConfig, skip_invalid: bool) -> SFTData:
     """Tokenize, mask and truncate every row; pack when ``cfg.packing``."""
     fmt = detect_format(rows)
-    examples: List[SFTExample] = []
-    skipped = 0
-    for row in rows:
-        try:
-            examples.append(_encode_row(row, fmt, tokenizer, cfg))
-        except DataError:
-            if not skip_invalid:
-                raise
-            skipped += 1
+    examples, skipped = encode_each(rows, lambda row: _encode_row(row, fmt, tokenizer, cfg), skip_invalid)
     if not examples:
         raise DataError("no usable rows left (all were skipped as invalid)")
     if cfg.packing:
