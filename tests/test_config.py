@@ -104,3 +104,10 @@ def test_cli_list_shows_registry_presets_and_recipes():
 def test_column_renames_can_be_added_on_the_command_line():
     cfg = compose_job(["dataset.columns.prompt=question", "dataset.columns.completion=answer"])
     assert dict(cfg.dataset.columns) == {"prompt": "question", "completion": "answer"}
+
+
+def test_cli_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    result = run_cli("train", f"model.name_or_path={tmp_path}", "model.arch=null", f"run.output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is not a transformers model directory (no config.json)" in result.stderr

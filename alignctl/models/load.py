@@ -123,6 +123,11 @@ def _from_pretrained(auto_cls, source: str, kwargs: Dict[str, Any], what: str):
     is_local = path.exists()
     if not is_local and _looks_like_path(source):
         raise ModelLoadError(f"model.name_or_path={source}: no such directory")
+    if is_local and path.is_dir() and not kwargs.get("gguf_file") and not _has_model_config(path):
+        raise ModelLoadError(
+            f"{source} is not a transformers model directory (no config.json); point model.name_or_path at a "
+            "saved model (e.g. a run's final_model/), or set model.gguf_file for a GGUF file in it"
+        )
     if not is_local:
         try:  # the local Hugging Face cache first: fast, and works offline
             return auto_cls.from_pretrained(source, local_files_only=True, **kwargs)
@@ -136,9 +141,21 @@ def _from_pretrained(auto_cls, source: str, kwargs: Dict[str, Any], what: str):
             )
     try:
         return auto_cls.from_pretrained(str(path) if is_local else source, **kwargs)
+    except ImportError as exc:  # e.g. a GGUF file without the gguf package
+        hint = ' (pip install -e ".[gguf]")' if kwargs.get("gguf_file") else ""
+        raise ModelLoadError(f"cannot load {what} from '{source}': {_first_line(exc)}{hint}") from None
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load {what} from '{source}': {first}") from None
+        raise ModelLoadError(f"cannot load {what} from '{source}': {_first_line(exc)}") from None
+
+
+def _has_model_config(folder: Path) -> bool:
+    """A transformers model (config.json) or a saved peft adapter (adapter_config.json)."""
+    return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _looks_like_path(text: str) -> bool:
