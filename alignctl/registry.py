@@ -59,7 +59,7 @@ register(
         name="sft",
         config_cls=algo_configs.SFTConfig,
         loss="alignctl.models.logps:token_nll",
-        driver="alignctl.loops.sft:run_sft",
+        driver="alignctl.algos.sft:run_sft",
         description="supervised fine-tuning (text, prompt/completion, chat messages; packing, NEFTune)",
     )
 )
@@ -69,7 +69,7 @@ register(
         name="dpo",
         config_cls=algo_configs.DPOConfig,
         loss="alignctl.losses.dpo:dpo_loss",
-        driver="alignctl.loops.dpo:run_dpo",
+        driver="alignctl.algos.dpo:run_dpo",
         description="direct preference optimisation, every loss variant (sigmoid, ipo, hinge, robust, ...)",
     )
 )
@@ -79,7 +79,7 @@ register(
         name="reward",
         config_cls=algo_configs.RewardConfig,
         loss="alignctl.losses.reward:reward_loss",
-        driver="alignctl.loops.reward:run_reward",
+        driver="alignctl.algos.reward:run_reward",
         description="reward model: one-output sequence classifier on preference pairs (Bradley-Terry)",
     )
 )
@@ -89,7 +89,7 @@ register(
         name="cpo",
         config_cls=algo_configs.CPOConfig,
         loss="alignctl.losses.cpo:cpo_loss",
-        driver="alignctl.loops.reference_free:run_cpo",
+        driver="alignctl.algos.reference_free:run_cpo",
         description="contrastive preference optimisation, reference-free (sigmoid, hinge, ipo, simpo)",
     )
 )
@@ -98,7 +98,7 @@ register(
         name="orpo",
         config_cls=algo_configs.ORPOConfig,
         loss="alignctl.losses.orpo:odds_ratio_loss",
-        driver="alignctl.loops.reference_free:run_orpo",
+        driver="alignctl.algos.reference_free:run_orpo",
         description="odds-ratio preference optimisation: NLL on chosen + beta * odds-ratio term, no reference",
     )
 )
@@ -107,7 +107,7 @@ register(
         name="kto",
         config_cls=algo_configs.KTOConfig,
         loss="alignctl.losses.kto:kto_loss",
-        driver="alignctl.loops.kto:run_kto",
+        driver="alignctl.algos.kto:run_kto",
         description="Kahneman-Tversky optimisation on unpaired (or converted paired) good/bad examples",
     )
 )

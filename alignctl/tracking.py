@@ -19,8 +19,11 @@ console = Console(stderr=True)
 
 
 class RunTracker:
-    def __init__(self, run_dir: Path, total_steps: int, *, enabled: bool, progress: bool, tensorboard: bool):
+    def __init__(
+        self, run_dir: Path, total_steps: int, *, enabled: bool, progress: bool, tensorboard: bool, unit: str = "tokens"
+    ):
         self.enabled = enabled
+        self.unit_short = {"tokens": "tok"}.get(unit, unit)
         self.total_steps = total_steps
         self.metrics_path = run_dir / "metrics.jsonl"
         self._progress: Optional[Progress] = None
@@ -55,10 +58,10 @@ class RunTracker:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def advance(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def advance(self, step: int, loss: float, lr: float, units_per_s: float) -> None:
         """Move the bar to ``step`` and show the latest loss, lr and throughput."""
         if self._progress is not None and self._task is not None:
-            stats = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+            stats = f"loss {loss:.4f}  lr {lr:.2e}  {units_per_s:,.1f} {self.unit_short}/s"
             self._progress.update(self._task, completed=step, stats=stats)
 
     def log(self, step: int, metrics: Dict[str, float], split: str = "train") -> None:

@@ -71,7 +71,7 @@ def run_case(overrides: list[str]) -> dict:
     records = [r for r in read_metrics(result.run_dir) if r["split"] == "train"]
     padding = sum(r["padding"] for r in records) / len(records)
     return {
-        "tokens_per_s": result.tokens / result.wall_s,
+        "tokens_per_s": result.units / result.wall_s,
         "padding": padding,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "loop_s": result.wall_s,

@@ -128,8 +128,8 @@ def test_unknown_loss_type_lists_valid_ones(tmp_path):
 def test_kto_metrics_are_exact_means_over_the_window():
     import torch
 
-    from alignctl.loops.kto import kto_metrics
-    from alignctl.loops.window import MetricWindow
+    from alignctl.algos.kto import kto_metrics
+    from alignctl.engine.window import MetricWindow
     from alignctl.losses.kto import KTOLossOutput
     from alignctl.models.logps import TokenLogps
 

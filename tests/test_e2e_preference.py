@@ -121,7 +121,7 @@ def test_reward_margin_column(tmp_path):
 def test_bco_running_mean_uses_every_process_batch_mean():
     import torch
 
-    from alignctl.loops.dpo import GatheredMoments
+    from alignctl.algos.dpo import GatheredMoments
 
     class TwoProcesses:  # another process contributed a batch mean of 3.0
         @staticmethod

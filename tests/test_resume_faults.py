@@ -104,7 +104,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
 
 
 def poison_loss_at(monkeypatch, calls):
-    from alignctl.loops.sft import SFTAlgorithm
+    from alignctl.algos.sft import SFTAlgorithm
 
     original = SFTAlgorithm.compute_loss
     count = {"n": 0}

@@ -58,8 +58,8 @@ def add_neftune_hook(model, alpha: float):
     return embeddings.register_forward_hook(add_noise)
 
 
-def save_model(model, tokenizer, folder: Path, merge_adapter: bool = False, state_dict=None) -> None:
-    """safetensors weights (or the LoRA adapter) and the tokenizer into ``folder``.
+def save_model(model, folder: Path, *, processors=(), merge_adapter: bool = False, state_dict=None) -> None:
+    """safetensors weights (or the LoRA adapter) and the processors (tokenizer, ...) into ``folder``.
 
     With ``merge_adapter`` a LoRA model also writes base+adapter merged weights to folder/merged.
     ``state_dict``: full weights gathered from a sharded (FSDP/DeepSpeed) model, saved instead of
@@ -67,10 +67,12 @@ def save_model(model, tokenizer, folder: Path, merge_adapter: bool = False, stat
     """
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(folder)
+    for processor in processors:
+        processor.save_pretrained(folder)
     if merge_adapter and hasattr(model, "merge_and_unload") and state_dict is None:
         import copy
 
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(folder / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(folder / "merged")
+        for processor in processors:
+            processor.save_pretrained(folder / "merged")

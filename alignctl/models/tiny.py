@@ -18,6 +18,12 @@ import torch
 from alignctl.config import ArchConfig
 
 SMOKE_DIR = Path(__file__).resolve().parent.parent / "data" / "smoke"
+# The files the tokenizer is trained on: a fixed list, so shipping another data set does not change
+# the tiny tokenizer (and with it every tiny-model number).
+CORPUS_FILES = (
+    "smoke_chat.jsonl", "smoke_kto.jsonl", "smoke_pref.jsonl", "smoke_pref_chat.jsonl", "smoke_sft.jsonl",
+    "smoke_text.jsonl",
+)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -30,7 +36,7 @@ CHATML_TEMPLATE = (
 def _corpus() -> Iterator[str]:
     """Every string in the shipped smoke data sets, plus printable ASCII."""
     yield "".join(chr(c) for c in range(32, 127))
-    for path in sorted(SMOKE_DIR.glob("*.jsonl")):
+    for path in (SMOKE_DIR / name for name in CORPUS_FILES):
         for line in path.read_text(encoding="utf-8").splitlines():
             yield from _strings(json.loads(line))
 

@@ -12,7 +12,7 @@ from alignctl.data.collate import collate_packed, collate_sequences
 from alignctl.data.load import load_rows
 from alignctl.data.sft import build_sft_examples
 from alignctl.errors import ConfigError
-from alignctl.loops.offline import Metrics, PreparedData, RunResult, run_offline
+from alignctl.engine.offline import Metrics, PreparedData, RunResult, run_offline
 from alignctl.models.logps import CausalLMWithLogps, TokenLogps, token_nll
 from alignctl.models.policy import add_neftune_hook, build_policy
 

@@ -12,8 +12,8 @@ from typing import Dict, Tuple
 import torch
 from omegaconf import DictConfig
 
-from alignctl.loops.offline import Metrics, PreparedData, RunResult, run_offline
-from alignctl.loops.preference import prepare_pair_data, split_pairs
+from alignctl.engine.offline import Metrics, PreparedData, RunResult, run_offline
+from alignctl.algos.preference import prepare_pair_data, split_pairs
 from alignctl.losses.reward import reward_accuracy, reward_loss
 from alignctl.models.policy import build_policy
 

@@ -8,8 +8,8 @@ import torch
 from omegaconf import DictConfig
 
 from alignctl.errors import ConfigError
-from alignctl.loops.offline import Metrics, PreparedData, RunResult, run_offline
-from alignctl.loops.preference import forward_pairs, logp_metrics, prepare_pair_data, reward_metrics, split_pairs
+from alignctl.engine.offline import Metrics, PreparedData, RunResult, run_offline
+from alignctl.algos.preference import forward_pairs, logp_metrics, prepare_pair_data, reward_metrics, split_pairs
 from alignctl.losses.cpo import CPO_LOSS_TYPES, cpo_loss
 from alignctl.losses.orpo import odds_ratio_loss, orpo_total_loss
 from alignctl.models.logps import CausalLMWithLogps, TokenLogps

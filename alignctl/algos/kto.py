@@ -13,7 +13,7 @@ When the data set has a single example there is no mismatched pair and the KL es
 
 Metrics (names as TRL's): ``kl``; ``rewards/chosen``, ``logps/chosen``, ``logits/chosen`` over the
 desirable examples, ``.../rejected`` over the undesirable ones, ``rewards/margins``. Per-kind values
-are weighted by the number of examples of that kind (``Weighted`` in loops/window.py), so the
+are weighted by the number of examples of that kind (``Weighted`` in engine/window.py), so the
 logged value is the exact mean over the logging window and the processes, as TRL logs it, however
 the kinds fall into micro-batches; a window without one kind logs nothing for it (never NaN).
 """
@@ -28,9 +28,9 @@ from omegaconf import DictConfig
 
 from alignctl.data.kto import build_kto_examples, collate_kto, warn_if_unbalanced
 from alignctl.errors import ConfigError
-from alignctl.loops.offline import PreparedData, RunResult, run_offline
-from alignctl.loops.window import Metrics, Weighted
-from alignctl.loops.preference import attach_reference, build_policy_with_reference, build_splits, forward_pairs
+from alignctl.engine.offline import PreparedData, RunResult, run_offline
+from alignctl.engine.window import Metrics, Weighted
+from alignctl.algos.preference import attach_reference, build_policy_with_reference, build_splits, forward_pairs
 from alignctl.losses.kto import KTO_LOSS_TYPES, KTOLossOutput, kto_loss
 from alignctl.models.logps import TokenLogps
 from alignctl.models.reference import ReferenceModel

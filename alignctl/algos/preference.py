@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from alignctl.data.load import load_rows
 from alignctl.data.pairwise import PairExample, build_pair_examples, collate_pairs
-from alignctl.loops.offline import Metrics, PreparedData
+from alignctl.engine.offline import Metrics, PreparedData
 from alignctl.models.logps import CausalLMWithLogps, TokenLogps
 from alignctl.models.policy import build_policy
 from alignctl.models.reference import ReferenceModel, disable_dropout

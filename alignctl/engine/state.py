@@ -29,7 +29,7 @@ class TrainProgress:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch (its shuffle is seeded with train.seed + epoch)
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    tokens_total: int = 0
+    units_total: int = 0  # throughput units trained (tokens, samples, images)
     skipped_nonfinite: int = 0
 
 

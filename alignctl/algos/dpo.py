@@ -8,8 +8,8 @@ import torch
 from omegaconf import DictConfig
 
 from alignctl.errors import ConfigError
-from alignctl.loops.offline import Metrics, PreparedData, RunResult, run_offline
-from alignctl.loops.preference import (
+from alignctl.engine.offline import Metrics, PreparedData, RunResult, run_offline
+from alignctl.algos.preference import (
     attach_reference,
     build_policy_with_reference,
     forward_pairs,

@@ -23,19 +23,24 @@ Metrics = Dict[str, Union[torch.Tensor, Weighted]]
 
 
 class MetricWindow:
-    """Sums of metrics over the micro-batches since the last flush (tensors: no sync per step)."""
+    """Sums of metrics over the micro-batches since the last flush (tensors: no sync per step).
 
-    def __init__(self) -> None:
+    ``unit`` names what the throughput counts (tokens, samples, images): the record gets
+    ``<unit>_per_s``.
+    """
+
+    def __init__(self, unit: str = "tokens") -> None:
+        self.unit = unit
         self.reset()
 
     def reset(self) -> None:
         self.totals: Dict[str, torch.Tensor] = {}
         self.weights: Dict[str, torch.Tensor] = {}
-        self.tokens = torch.zeros((), dtype=torch.long)
+        self.units = torch.zeros((), dtype=torch.long)
         self.grad_norm = None
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, metrics: Metrics, tokens: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, metrics: Metrics, units: torch.Tensor) -> None:
         for key, value in {"loss": loss, **metrics}.items():
             if isinstance(value, Weighted):
                 total, weight = value.total.detach().float(), value.weight.detach().float()
@@ -47,20 +52,20 @@ class MetricWindow:
                 self.weights[key] = self.weights[key] + weight
             else:
                 self.totals[key], self.weights[key] = total, weight
-        self.tokens = self.tokens + tokens.cpu()
+        self.units = self.units + torch.as_tensor(units).cpu()
 
     def state_dict(self) -> Dict[str, Any]:
         """What a checkpoint keeps so a resumed run logs the same averages."""
         return {
             "totals": {k: v.cpu() for k, v in self.totals.items()},
             "weights": {k: v.cpu() for k, v in self.weights.items()},
-            "tokens": self.tokens,
+            "units": self.units,
         }
 
     def load_state_dict(self, state: Dict[str, Any], device) -> None:
         self.totals = {k: v.to(device) for k, v in state["totals"].items()}
         self.weights = {k: v.to(device) for k, v in state["weights"].items()}
-        self.tokens = state["tokens"]
+        self.units = state["units"]
 
     def flush(self, accelerator) -> Tuple[Dict[str, float], int]:
         keys = sorted(self.totals)
@@ -69,11 +74,11 @@ class MetricWindow:
         weights = torch.stack([self.weights[k].to(device) for k in keys])
         both = accelerator.reduce(torch.stack([totals, weights]), reduction="sum")
         means = both[0] / both[1].clamp(min=1e-12)
-        tokens = int(accelerator.reduce(self.tokens.to(device), reduction="sum"))
+        units = int(accelerator.reduce(self.units.to(device), reduction="sum"))
         elapsed = time.perf_counter() - self.started
         record = {k: float(v) for k, v, w in zip(keys, means.tolist(), both[1].tolist()) if w > 0}
-        record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+        record[f"{self.unit}_per_s"] = units / max(elapsed, 1e-9)
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
         self.reset()
-        return record, tokens
+        return record, units

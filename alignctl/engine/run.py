@@ -1,0 +1,291 @@
+"""The run shell: what every training run does, whatever its loop.
+
+A run directory and its config dump, the accelerator and seeds, resume from a checkpoint, stop
+signals, the non-finite guard, atomic checkpoints, tracking, the final save and the summary. The
+loops built on it (``engine.offline``: epochs over a data set; ``engine.online``: rollout, score,
+update) fill in ``build`` (data, model, optimizer, step count) and ``train`` (the steps), and call
+``end_step`` after every step. Nothing here assumes a tokenizer or counts only tokens: a loop names
+its throughput unit (tokens, samples, images) and the objects saved beside the model
+(``processors``: a tokenizer, a scheduler config, ...).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from alignctl.checkpoint import checkpoint_path, find_resume_checkpoint, list_checkpoints, save_checkpoint, write_atomically
+from alignctl.engine.guards import NonFiniteLoss, RunInterrupted, StopSignals, nonfinite_message
+from alignctl.engine.optim import check_precision
+from alignctl.engine.state import TrainProgress, read_training_state, restore_rng, write_training_state
+from alignctl.engine.window import MetricWindow
+from alignctl.errors import ConfigError
+from alignctl.run_dir import FINAL_MODEL, resolve_run_dir, write_config
+from alignctl.tracking import RunTracker, print_summary, truncate_metrics
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    units: int  # trained by this process, in the loop's unit (a resumed run counts from where it resumed)
+    wall_s: float
+    unit: str = "tokens"
+
+    @property
+    def tokens(self) -> int:
+        return self.units
+
+
+class RunShell:
+    """Base of the loops. Subclasses set ``unit`` and implement ``build``, ``train``,
+    ``accumulation_steps`` and ``summary_rows``; they may override ``evaluate``."""
+
+    unit = "tokens"
+
+    def __init__(self, job: DictConfig, algorithm: Any, title: str) -> None:
+        self.job, self.algorithm, self.title = job, algorithm, title
+        self.tcfg = job.train
+        self.notes: List[Tuple[str, str]] = []  # extra summary rows (data, skipped rows, resume)
+        self.processors: List[Any] = []  # saved beside the model (tokenizer, ...)
+        self.last_loss = float("nan")
+
+    # ------------------------------------------------------------------ hooks for the loops
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step (accelerate's gradient accumulation)."""
+        raise NotImplementedError
+
+    def build(self) -> None:
+        """Data, model (``self.model``, prepared), ``self.optimizer``, ``self.scheduler``, ``self.total_steps``."""
+        raise NotImplementedError
+
+    def train(self) -> None:
+        """Run steps until ``self.progress.step == self.total_steps``, calling ``end_step`` after each."""
+        raise NotImplementedError
+
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        """Metrics on held-out data, or None when the run has none."""
+        return None
+
+    def summary_rows(self) -> List[Tuple[str, str]]:
+        """Loop-specific rows of the final summary (global batch, padding, ...)."""
+        return []
+
+    def log_extras(self) -> Dict[str, float]:
+        """Values added to every logged train record (epoch, ...)."""
+        return {}
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> RunResult:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        job = self.job
+        mixed_precision = check_precision(job.precision.name)
+        self.run_dir = resolve_run_dir(job, resuming=bool(job.resume))
+        resume_from = find_resume_checkpoint(self.run_dir, job.resume) if job.resume else None
+        _fresh_accelerator_state()
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=mixed_precision, gradient_accumulation_steps=self.accumulation_steps()
+        )
+        set_seed(self.tcfg.seed)
+        self._check_sharded_options()
+        if accelerator.is_main_process:
+            write_config(job, self.run_dir)
+            if resume_from is None:
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.progress = TrainProgress()
+        self.window = MetricWindow(self.unit)
+        self.build()
+        if resume_from is not None:
+            self._restore(resume_from)
+        return self._train_and_finish()
+
+    def _restore(self, folder: Path) -> None:
+        resumed = read_training_state(folder, self.accelerator.unwrap_model(self.model))
+        self.optimizer.load_state_dict(resumed["optimizer"])
+        self.scheduler.load_state_dict(resumed["scheduler"])
+        self.window.load_state_dict(resumed["window"], self.accelerator.device)
+        self.progress = resumed["progress"]
+        if hasattr(self.algorithm, "load_state_dict"):
+            self.algorithm.load_state_dict(resumed["algorithm"])
+        restore_rng(resumed["rng"])
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.run_dir, after_step=self.progress.step)
+        self.notes.append(("resumed from", f"{folder} (step {self.progress.step})"))
+
+    def _train_and_finish(self) -> RunResult:
+        job, accelerator, progress = self.job, self.accelerator, self.progress
+        self.tracker = RunTracker(
+            self.run_dir, self.total_steps, enabled=accelerator.is_main_process,
+            progress=job.run.progress, tensorboard=job.run.tensorboard, unit=self.unit,
+        )
+        self.units_before = progress.units_total  # > 0 when resumed: not part of this process's speed
+        start = time.perf_counter()
+        with self.tracker, StopSignals() as self.stop:
+            if progress.step:  # resumed: start the bar where the run stopped
+                self.tracker.advance(progress.step, self.last_loss, self.scheduler.get_last_lr()[0], 0.0)
+            self.train()
+            wall = time.perf_counter() - start
+            eval_record = self.evaluate()
+            if eval_record:
+                self.tracker.log(progress.step, eval_record, split="eval")
+        final_dir = self._save_final()
+        self._print_summary(wall, eval_record, final_dir)
+        units = progress.units_total - self.units_before
+        return RunResult(self.run_dir, progress.step, self.last_loss, units, wall, self.unit)
+
+    def end_step(self) -> None:
+        """After each optimizer step (offline) or rollout iteration (online): schedule, log,
+        evaluate, checkpoint, and stop cleanly when a signal asked for it."""
+        tcfg, progress = self.tcfg, self.progress
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        progress.step += 1
+        step = progress.step
+        if step == 1 or step % tcfg.logging_steps == 0 or step == self.total_steps:
+            record, units = self.window.flush(self.accelerator)
+            progress.units_total += units
+            self.last_loss = record["loss"]
+            self.last_record = record
+            record.update(lr=lr, **self.log_extras())
+            if progress.skipped_nonfinite:
+                record["skipped_nonfinite"] = progress.skipped_nonfinite
+            self.tracker.log(step, record)
+            self.tracker.advance(step, record["loss"], lr, record[f"{self.unit}_per_s"])
+        if tcfg.eval_steps > 0 and step % tcfg.eval_steps == 0 and step < self.total_steps:
+            eval_record = self.evaluate()
+            if eval_record:
+                self.tracker.log(step, eval_record, split="eval")
+        if tcfg.save_steps > 0 and step % tcfg.save_steps == 0 and step < self.total_steps:
+            self.save_checkpoint()
+        if self.stop.any_process(self.accelerator):
+            path = self.save_checkpoint()
+            raise RunInterrupted(
+                f"stopped by {self.stop.signal_name or 'a signal'} after step {step}; checkpoint {path}; "
+                f"continue with the same command plus resume=auto run.output_dir={self.run_dir}"
+            )
+
+    def handle_nonfinite(self, loss: torch.Tensor, rows: List[int]) -> None:
+        """Stop naming the step and rows, or (train.skip_nonfinite) count the skipped batch."""
+        if not self.tcfg.skip_nonfinite:
+            found = list_checkpoints(self.run_dir)
+            raise NonFiniteLoss(nonfinite_message(loss, self.progress.step, rows, str(found[-1]) if found else None))
+        self.progress.skipped_nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.is_main_process:
+            self.tracker.print(f"[yellow]skipped a batch with a non-finite loss at step {self.progress.step + 1}[/]")
+
+    # ------------------------------------------------------------------ saving
+    def save_checkpoint(self) -> Path:
+        accelerator, progress = self.accelerator, self.progress
+        accelerator.wait_for_everyone()
+        path = checkpoint_path(self.run_dir, progress.step)
+        gathered = self._gathered_weights()  # every process takes part when weights are sharded
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(self.model)
+            algorithm_state = self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None
+            state: Dict[str, Any] = {}
+
+            def write(folder: Path) -> None:
+                self._write_model(model, folder / "model", merge=False, gathered=gathered)
+                if gathered is None:  # sharded runs keep the weights only (see read_training_state)
+                    state.update(
+                        write_training_state(
+                            folder, model, self.optimizer, self.scheduler, self.window.state_dict(), progress, algorithm_state
+                        )
+                    )
+
+            save_checkpoint(self.run_dir, progress.step, write, state, keep=self.tcfg.save_total_limit)
+        accelerator.wait_for_everyone()
+        return path
+
+    def _save_final(self) -> Path:
+        final_dir = self.run_dir / FINAL_MODEL
+        gathered = self._gathered_weights()
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            merge = bool(self.job.peft.merge_on_save) and self.job.peft.method != "none"
+
+            def write_final(folder: Path) -> None:
+                self._write_model(model, folder, merge=merge, gathered=gathered)
+                write_config(self.job, folder)
+
+            write_atomically(final_dir, write_final)
+        self.accelerator.wait_for_everyone()
+        return final_dir
+
+    def _write_model(self, model: torch.nn.Module, folder: Path, merge: bool, gathered) -> None:
+        from alignctl.models.policy import save_model
+
+        save_model(self.algorithm.unwrap_for_save(model), folder, processors=self.processors,
+                   merge_adapter=merge, state_dict=gathered)
+        if hasattr(self.algorithm, "save_extras"):  # e.g. PPO's value head
+            self.algorithm.save_extras(model, folder)
+
+    def _check_sharded_options(self) -> None:
+        from accelerate.utils import DistributedType
+
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if sharded and self.job.peft.merge_on_save and self.job.peft.method != "none":
+            raise ConfigError(
+                "peft.merge_on_save=true is not available under launcher=fsdp or deepspeed (the weights are "
+                "sharded); train without it and merge the saved adapter afterwards (peft merge_and_unload)"
+            )
+        if sharded and self.job.resume:
+            raise ConfigError("resume under launcher=fsdp or deepspeed is not supported yet (sharded optimizer state)")
+
+    def _gathered_weights(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Under FSDP or DeepSpeed the weights are sharded: gather a full state dict (named as in the
+        model that is saved) on the main process. None when every process holds whole weights."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return None
+        full = self.accelerator.get_state_dict(self.model)
+        outer = self.accelerator.unwrap_model(self.model)
+        saved = self.algorithm.unwrap_for_save(outer)
+        prefix = next((name + "." for name, module in outer.named_modules() if module is saved and name), "")
+        return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in full.items()}
+
+    def _print_summary(self, wall: float, eval_record: Optional[Dict[str, float]], final_dir: Path) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        progress, unit = self.progress, self.unit
+        rows = [
+            ("algorithm", self.title),
+            ("steps", str(progress.step)),
+            *self.summary_rows(),
+            (unit, f"{progress.units_total:,}"),
+            ("wall time", f"{wall:.1f} s"),
+            (f"{unit}/s", f"{(progress.units_total - self.units_before) / max(wall, 1e-9):,.1f}"),
+            ("final train loss", f"{self.last_loss:.4f}"),
+        ]
+        rows += self.late_summary_rows()
+        if eval_record:
+            rows.append(("final eval loss", f"{eval_record['loss']:.4f}"))
+        if progress.skipped_nonfinite:
+            rows.append(("skipped batches", f"{progress.skipped_nonfinite} (non-finite loss)"))
+        rows += self.notes
+        rows += [("run directory", str(self.run_dir)), ("model saved to", str(final_dir))]
+        print_summary("alignctl run summary", rows)
+
+    def late_summary_rows(self) -> List[Tuple[str, str]]:
+        """Rows shown after the final loss (padding share, final reward, ...)."""
+        return []
+
+
+def _fresh_accelerator_state() -> None:
+    """accelerate keeps one process-wide state; a second run in the same process (tests, notebooks)
+    may ask for another precision. Outside a multi-process launch, start from a clean state."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
