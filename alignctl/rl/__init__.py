@@ -1,0 +1,1 @@
+"""Reinforcement-learning math and reward sources: KL penalties and controllers, advantages, rewards."""
