@@ -101,3 +101,58 @@ class KTOConfig(PairwiseDataConfig):
     undesirable_weight: float = 1.0
     # Compute the reference log-probs once over the data before training, then drop the reference.
     precompute_ref_logps: bool = False
+
+
+@dataclass
+class PPOConfig:
+    """PPO (Schulman et al. 2017) for language models as in Ziegler et al. 2019; knobs and defaults
+    of the reference library's PPOConfig. Its learning_rate, max_grad_norm, seed and steps are
+    train.lr (1.41e-5 here), train.max_grad_norm (0 = no clipping, as its None), train.seed and
+    train.max_steps (one step = one rollout batch and its updates)."""
+
+    name: str = "ppo"
+    # Longest prompt in tokens (a longer one is cut; keep_end keeps its end).
+    max_prompt_length: int = 128
+    truncation_mode: str = "keep_end"
+    # Prompts per rollout batch, per process (responses sampled and scored together).
+    batch_size: int = 128
+    # Rows per forward/backward in the update epochs.
+    mini_batch_size: int = 128
+    # Mini-batches per optimizer step: batch_size must be a multiple of mini_batch_size * this.
+    gradient_accumulation_steps: int = 1
+    # Passes over each rollout batch.
+    ppo_epochs: int = 4
+    # KL penalty coefficient: adaptive (target/horizon controller of Ziegler et al.) or fixed.
+    adap_kl_ctrl: bool = True
+    init_kl_coef: float = 0.2
+    target: float = 6.0
+    horizon: float = 10000.0
+    # Per-token KL estimate in the reward: kl (= k1, logp - ref), abs, mse, k3, full (whole vocabulary).
+    kl_penalty: str = "kl"
+    # GAE discount and lambda.
+    gamma: float = 1.0
+    lam: float = 0.95
+    # Clipping of the probability ratio and of the value update.
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    # Weight of the value loss.
+    vf_coef: float = 0.1
+    # Stop the epochs of a batch early when the policy KL exceeds 1.5 x target_kl.
+    early_stopping: bool = False
+    target_kl: float = 1.0
+    # Skip (zero) a mini-batch whose mean probability ratio exceeds this.
+    ratio_threshold: float = 10.0
+    # Scale scores by their running std (and, with use_score_norm, centre them); clip to +-score_clip.
+    use_score_scaling: bool = False
+    use_score_norm: bool = False
+    score_clip: Optional[float] = None
+    # Whiten the per-token rewards before GAE.
+    whiten_rewards: bool = False
+    # Subtracted from the score of a response that ended without EOS / a stop string (null = off).
+    missing_eos_penalty: Optional[float] = None
+    # null: a value head on the policy; or a path to a one-output classifier (e.g. the reward model's
+    # run directory) that becomes a separate value model.
+    value_model: Optional[str] = None
+    # Print and save (samples.jsonl) a few completions with their scores every N steps (0 = never).
+    sample_every: int = 10
+    num_samples_shown: int = 4

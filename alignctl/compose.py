@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignctl.config import JobConfig
 from alignctl.errors import ConfigError
 
-GROUPS = ("algo", "model", "dataset", "peft", "precision", "launcher")
+GROUPS = ("algo", "model", "dataset", "peft", "precision", "launcher", "generation", "reward")
 
 
 def project_root() -> Path:

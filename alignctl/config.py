@@ -179,6 +179,46 @@ class TrainConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Sampling of the online algorithms' rollouts (read by ppo; ignored by nothing else: offline
+    algorithms refuse a changed value)."""
+
+    # Longest response, in new tokens.
+    max_new_tokens: int = 64
+    # Shortest response (EOS is suppressed before it).
+    min_new_tokens: int = 0
+    # Softmax temperature of sampling; the policy's log-probs are taken at the same temperature.
+    temperature: float = 1.0
+    # Keep the k most likely tokens (0 = off).
+    top_k: int = 0
+    # Nucleus sampling: keep the smallest set of tokens with this much probability (1.0 = off).
+    top_p: float = 1.0
+    # Sample (true) or decode greedily (false).
+    do_sample: bool = True
+    # Strings that end a response (besides the tokenizer's EOS); the response keeps the stop string.
+    stop_strings: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RewardSourceConfig:
+    """Where the online algorithms' scores come from: a reward model, Python functions, or both."""
+
+    # Preset name (shown in summaries).
+    name: str = "none"
+    # A reward model: a run directory written by `alignctl train algo=reward` (its final_model/ is
+    # used) or a model folder of a one-output sequence classifier. Uses its own tokenizer.
+    model: Optional[str] = None
+    # Python functions "module:function", called as fn(prompts=, completions=, completion_ids=,
+    # **dataset_columns) -> list of floats (the signature of TRL's GRPO reward functions).
+    functions: List[str] = field(default_factory=list)
+    # One weight per source: the reward model first (when set), then the functions in order; null = all 1.
+    weights: Optional[List[float]] = None
+    # Reward-model scoring batch size and longest scored text (prompt + completion, in its tokens).
+    batch_size: int = 16
+    max_length: int = 512
+
+
+@dataclass
 class RunConfig:
     # Run directory; default runs/<algo>-<timestamp> under the current directory.
     output_dir: Optional[str] = None
@@ -202,6 +242,9 @@ class JobConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Online algorithms only (ppo): sampling settings and reward sources.
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     run: RunConfig = field(default_factory=RunConfig)
     # Continue a stopped run: "auto" (newest complete checkpoint of run.output_dir) or a checkpoint path.
     resume: Optional[str] = None

@@ -24,6 +24,8 @@ class Algorithm:
     # "module:attribute" of the driver: a callable taking the composed JobConfig and running it.
     driver: str
     description: str
+    # Which engine loop drives it: "offline" (epochs over a data set) or "online" (rollouts).
+    loop: str = "offline"
 
     def load_loss(self) -> Callable[..., Any]:
         return _resolve(self.loss)
@@ -109,5 +111,15 @@ register(
         loss="alignctl.losses.kto:kto_loss",
         driver="alignctl.algos.kto:run_kto",
         description="Kahneman-Tversky optimisation on unpaired (or converted paired) good/bad examples",
+    )
+)
+register(
+    Algorithm(
+        name="ppo",
+        config_cls=algo_configs.PPOConfig,
+        loss="alignctl.losses.ppo:ppo_loss",
+        driver="alignctl.algos.ppo:run_ppo",
+        description="proximal policy optimisation with a value head, KL penalty to a reference, GAE (needs reward=...)",
+        loop="online",
     )
 )

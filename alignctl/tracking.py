@@ -116,8 +116,31 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
     """Drop records logged after ``after_step`` (a resumed run logs those steps again)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    for name in ("metrics.jsonl", SAMPLES_FILE):
+        _truncate_jsonl(Path(run_dir) / name, after_step)
+
+
+def _truncate_jsonl(path: Path, after_step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def log_samples(run_dir: Path, step: int, samples: List[Tuple[str, str, float]], tracker: Optional[RunTracker] = None) -> None:
+    """A few (prompt, completion, score) triples: a table on the console and lines in samples.jsonl."""
+    with (Path(run_dir) / SAMPLES_FILE).open("a", encoding="utf-8") as handle:
+        for prompt, completion, score in samples:
+            handle.write(json.dumps({"step": step, "prompt": prompt, "completion": completion, "score": score}) + "\n")
+    if tracker is None or not tracker.enabled:
+        return
+    table = Table(title=f"samples @ step {step}", title_justify="left", show_lines=True)
+    table.add_column("prompt", overflow="fold", max_width=40)
+    table.add_column("completion", overflow="fold", max_width=60)
+    table.add_column("score", justify="right")
+    for prompt, completion, score in samples:
+        table.add_row(prompt[-200:], completion[:400], f"{score:.3f}")
+    (tracker._progress.console if tracker._progress else console).print(table)

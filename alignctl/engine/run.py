@@ -26,7 +26,7 @@ from alignctl.engine.state import TrainProgress, read_training_state, restore_rn
 from alignctl.engine.window import MetricWindow
 from alignctl.errors import ConfigError
 from alignctl.run_dir import FINAL_MODEL, resolve_run_dir, write_config
-from alignctl.tracking import RunTracker, print_summary, truncate_metrics
+from alignctl.tracking import SAMPLES_FILE, RunTracker, print_summary, truncate_metrics
 
 
 @dataclass
@@ -99,7 +99,8 @@ class RunShell:
         if accelerator.is_main_process:
             write_config(job, self.run_dir)
             if resume_from is None:
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                for name in ("metrics.jsonl", SAMPLES_FILE):
+                    (self.run_dir / name).unlink(missing_ok=True)
         self.progress = TrainProgress()
         self.window = MetricWindow(self.unit)
         self.build()
@@ -127,7 +128,7 @@ class RunShell:
             progress=job.run.progress, tensorboard=job.run.tensorboard, unit=self.unit,
         )
         self.units_before = progress.units_total  # > 0 when resumed: not part of this process's speed
-        start = time.perf_counter()
+        start = self.window.started = time.perf_counter()  # set-up time is not throughput
         with self.tracker, StopSignals() as self.stop:
             if progress.step:  # resumed: start the bar where the run stopped
                 self.tracker.advance(progress.step, self.last_loss, self.scheduler.get_last_lr()[0], 0.0)

@@ -1,0 +1,1 @@
+"""Online rollouts: the typed rollout batch and batched generation."""
