@@ -105,6 +105,7 @@ def _train(args: List[str], dry_run: bool = False) -> int:
     if print_cfg:
         print(OmegaConf.to_yaml(job, resolve=True), end="")
         return 0
+    algorithm.check(job)
     launch.validate_launcher(job)
     if dry_run:
         return launch.print_launch(job, overrides)

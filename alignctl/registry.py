@@ -26,12 +26,44 @@ class Algorithm:
     description: str
     # Which engine loop drives it: "offline" (epochs over a data set) or "online" (rollouts).
     loop: str = "offline"
+    # "module:attribute" of a check of the composed job run before anything is written or launched.
+    validate: str = ""
 
     def load_loss(self) -> Callable[..., Any]:
         return _resolve(self.loss)
 
     def load_driver(self) -> Callable[..., Any]:
         return _resolve(self.driver)
+
+    def check(self, job) -> None:
+        """Refuse settings this algorithm would not read, then run its own checks."""
+        if self.loop != "online":
+            _refuse_online_groups(job, self.name)
+        if self.validate:
+            _resolve(self.validate)(job)
+
+
+def _refuse_online_groups(job, name: str) -> None:
+    """generation.* and reward.* are read by online algorithms only: a change is refused, not ignored."""
+    from alignctl.config import GenerationConfig, RewardSourceConfig
+
+    if job.reward != _defaults(RewardSourceConfig):
+        raise ConfigError(
+            f"reward is used by online algorithms only (ppo); algo={name} does not read it: drop the reward=/reward.* "
+            "overrides"
+        )
+    defaults = _defaults(GenerationConfig)
+    for key in defaults:
+        if job.generation[key] != defaults[key]:
+            raise ConfigError(
+                f"generation.{key} is used by online algorithms only (ppo); algo={name} does not read it: drop it"
+            )
+
+
+def _defaults(schema: type):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(schema)
 
 
 ALGORITHMS: Dict[str, Algorithm] = {}
@@ -121,5 +153,6 @@ register(
         driver="alignctl.algos.ppo:run_ppo",
         description="proximal policy optimisation with a value head, KL penalty to a reference, GAE (needs reward=...)",
         loop="online",
+        validate="alignctl.algos.ppo:validate_job",
     )
 )

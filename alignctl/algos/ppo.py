@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alignctl.engine.guards import loss_is_finite
 from alignctl.engine.online import OnlineData, run_online
@@ -401,6 +401,25 @@ def check_online_job(job: DictConfig) -> None:
         )
 
 
-def run_ppo(job: DictConfig) -> RunResult:
+def validate_job(job: DictConfig) -> None:
+    """Everything about a PPO job that can be checked before a run directory is touched."""
+    from alignctl.rl.rewards import RewardSources, _model_folder
+    from alignctl.rollout.generate import GenerationSettings
+
     check_online_job(job)
+    check_ppo_config(job.algo)
+    GenerationSettings.from_config(job.generation)
+    if OmegaConf.is_missing(job.reward, "model"):
+        raise ConfigError("reward=model needs reward.model=<reward-model run directory or model folder>")
+    if job.reward.model:
+        _model_folder(job.reward.model)
+    # imports the reward functions and checks the weights (a reward model stands in as one source)
+    RewardSources(list(job.reward.functions), _PLACEHOLDER if job.reward.model else None, job.reward.weights)
+
+
+_PLACEHOLDER = object()  # counts the reward model among the sources without loading it
+
+
+def run_ppo(job: DictConfig) -> RunResult:
+    validate_job(job)
     return run_online(job, PPOAlgorithm(job), title=f"ppo ({'adaptive' if job.algo.adap_kl_ctrl else 'fixed'} KL)")

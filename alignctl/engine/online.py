@@ -93,6 +93,7 @@ class OnlineLoop(RunShell):
             batches = itertools.islice(iter(self.loader), progress.batch_in_epoch, None)
             for batch in batches:
                 progress.batch_in_epoch += 1
+                self._seed_step()
                 loss, metrics, units = self.algorithm.iteration(batch, self)
                 self.window.add(loss.detach(), metrics, units)
                 self.end_step()
@@ -101,6 +102,12 @@ class OnlineLoop(RunShell):
             else:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
+
+    def _seed_step(self) -> None:
+        """Seed the global RNG (sampling, mini-batch shuffles) from (seed, step, process): a step
+        draws the same numbers whether the run was resumed or not, whatever else used the RNG."""
+        step_seed = (self.tcfg.seed * 1_000_003 + self.progress.step) * 1_009 + self.accelerator.process_index
+        torch.manual_seed(step_seed % (2**63 - 1))
 
     def log_extras(self) -> Dict[str, float]:
         progress = self.progress
