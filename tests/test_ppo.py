@@ -144,6 +144,7 @@ def test_step_api_refuses_bad_input():
     "overrides, message",
     [
         (["reward=none"], "needs a reward"),
+        (["reward=model"], "reward=model needs reward.model="),
         (["train.per_device_batch_size=4"], "train.per_device_batch_size is not used by algo=ppo; use algo.batch_size"),
         (["dataset.eval_fraction=0.2"], "does not evaluate on held-out prompts"),
         (["algo.kl_penalty=kl2"], "algo.kl_penalty='kl2': use one of kl, k1, abs, mse, k3, full"),
@@ -181,3 +182,23 @@ def test_ddp_on_two_cpu_processes_runs(tmp_path):
     assert "8 prompts per step (2 process(es))" in result.stderr
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert (tmp_path / "final_model" / "value_head.safetensors").is_file()
+
+
+def test_reward_model_and_value_model_from_a_trained_reward_run(tmp_path):
+    rm_dir = tmp_path / "rm"
+    assert main(["train", "recipe=smoke/reward", "train.max_steps=2", "run.progress=false", f"run.output_dir={rm_dir}"]) == 0
+    out = tmp_path / "ppo"
+    args = RUN + ["train.max_steps=2", "algo.sample_every=0", "reward=model", f"reward.model={rm_dir}",
+                  f"algo.value_model={rm_dir}", f"run.output_dir={out}"]
+    assert main(args) == 0
+    first = read_metrics(out)[0]
+    assert "env/reward/reward_model" in first and first["env/reward_mean"] == first["env/reward/reward_model"]
+    assert (out / "final_model" / "value_model" / "config.json").is_file()
+    # the reward model and a function together, weighted
+    both = tmp_path / "both"
+    assert main(RUN + ["train.max_steps=1", "algo.sample_every=0", "reward=model", f"reward.model={rm_dir}",
+                       "reward.functions=[alignctl.rl.reward_functions:length_target]", "reward.weights=[0.5,2.0]",
+                       f"run.output_dir={both}"]) == 0
+    record = read_metrics(both)[0]
+    expected = 0.5 * record["env/reward/reward_model"] + 2.0 * record["env/reward/length_target"]
+    assert record["env/reward_mean"] == pytest.approx(expected, rel=1e-5)

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from alignctl.engine.guards import loss_is_finite
 from alignctl.engine.online import OnlineData, run_online
@@ -409,7 +409,7 @@ def validate_job(job: DictConfig) -> None:
     check_online_job(job)
     check_ppo_config(job.algo)
     GenerationSettings.from_config(job.generation)
-    if OmegaConf.is_missing(job.reward, "model"):
+    if job.reward.name == "model" and not job.reward.model:
         raise ConfigError("reward=model needs reward.model=<reward-model run directory or model folder>")
     if job.reward.model:
         _model_folder(job.reward.model)
