@@ -156,3 +156,89 @@ class PPOConfig:
     # Print and save (samples.jsonl) a few completions with their scores every N steps (0 = never).
     sample_every: int = 10
     num_samples_shown: int = 4
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO (Shao et al. 2024) with the reference library's GRPOConfig names and defaults (its
+    learning_rate is train.lr, 1e-6 here). One step samples num_generations completions for each of
+    batch_size prompts, then runs num_iterations passes of clipped updates over them."""
+
+    name: str = "grpo"
+    max_prompt_length: int = 512
+    truncation_mode: str = "keep_end"
+    # Prompts per step, per process; every prompt gets num_generations completions (its group).
+    batch_size: int = 8
+    num_generations: int = 8
+    # Completions per forward/backward, and mini-batches per optimizer step: batch_size x
+    # num_generations must be a multiple of mini_batch_size x gradient_accumulation_steps.
+    mini_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    # Updates per batch of completions (importance ratio to the sampling policy when > 1).
+    num_iterations: int = 1
+    # Clipping of the ratio: [1 - epsilon, 1 + epsilon_high] (epsilon_high null = epsilon; DAPO uses 0.28).
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None
+    # KL to the reference (k3 estimator); 0 holds no reference model at all.
+    beta: float = 0.0
+    # grpo (per-sequence token mean) | bnpo (token mean of the micro-batch) | dr_grpo (constant
+    # normaliser: rows x max_new_tokens) | dapo (token mean over the global batch of the step)
+    loss_type: str = "dapo"
+    # Advantage scale: group (group std) | batch (std of the whole batch) | none (Dr. GRPO)
+    scale_rewards: str = "group"
+    # Completions that hit max_new_tokens without stopping get no loss.
+    mask_truncated_completions: bool = False
+    # Print and save (samples.jsonl) a few completions with their rewards every N steps (0 = never).
+    sample_every: int = 10
+    num_samples_shown: int = 4
+
+
+@dataclass
+class RLOOConfig:
+    """RLOO (Ahmadian et al. 2024) as the reference library's RLOOTrainer: rloo_k samples per prompt,
+    each one's baseline the mean reward of the other k-1, the KL penalty (k1, summed over the
+    sequence) folded into the reward, a sequence-level clipped REINFORCE update."""
+
+    name: str = "rloo"
+    max_prompt_length: int = 128
+    truncation_mode: str = "keep_end"
+    # Prompts per step, per process; every prompt gets rloo_k samples.
+    batch_size: int = 8
+    rloo_k: int = 2
+    mini_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_ppo_epochs: int = 4
+    cliprange: float = 0.2
+    kl_coef: float = 0.05
+    # Whiten the scores over the batch and clip them to +-reward_clip_range.
+    normalize_reward: bool = False
+    reward_clip_range: float = 10.0
+    # Whiten the advantages over the batch.
+    normalize_advantage: bool = False
+    # Subtracted from the score of a sample that ended without EOS / a stop string (null = off).
+    missing_eos_penalty: Optional[float] = None
+    sample_every: int = 10
+    num_samples_shown: int = 4
+
+
+@dataclass
+class IterativeSFTConfig:
+    """Expert iteration / rejection sampling: each step (a round) samples num_generations
+    completions per prompt, keeps the best of each prompt (or all scoring >= score_threshold) and
+    fine-tunes on the kept ones with the SFT loss on completion tokens."""
+
+    name: str = "iterative_sft"
+    max_prompt_length: int = 128
+    truncation_mode: str = "keep_end"
+    # Prompts per round, per process.
+    batch_size: int = 8
+    num_generations: int = 4
+    # best: the highest-scoring completion of each prompt | threshold: every completion >= score_threshold
+    selection: str = "best"
+    score_threshold: Optional[float] = None
+    # Passes over the kept completions per round, in mini-batches, gradient_accumulation_steps per step.
+    sft_epochs: int = 1
+    mini_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    sample_every: int = 10
+    num_samples_shown: int = 4

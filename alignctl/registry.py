@@ -156,3 +156,36 @@ register(
         validate="alignctl.algos.ppo:validate_job",
     )
 )
+register(
+    Algorithm(
+        name="grpo",
+        config_cls=algo_configs.GRPOConfig,
+        loss="alignctl.losses.grpo:grpo_loss",
+        driver="alignctl.algos.grpo:run_grpo",
+        description="group relative policy optimisation: groups of completions per prompt, no value model",
+        loop="online",
+        validate="alignctl.algos.grpo:validate_job",
+    )
+)
+register(
+    Algorithm(
+        name="rloo",
+        config_cls=algo_configs.RLOOConfig,
+        loss="alignctl.losses.grpo:rloo_loss",
+        driver="alignctl.algos.rloo:run_rloo",
+        description="REINFORCE leave-one-out: k samples per prompt, the others' mean as baseline, KL in the reward",
+        loop="online",
+        validate="alignctl.algos.rloo:validate_job",
+    )
+)
+register(
+    Algorithm(
+        name="iterative_sft",
+        config_cls=algo_configs.IterativeSFTConfig,
+        loss="alignctl.models.logps:token_nll",
+        driver="alignctl.algos.iterative_sft:run_iterative_sft",
+        description="expert iteration: sample, keep the best completions, fine-tune on them, repeat",
+        loop="online",
+        validate="alignctl.algos.iterative_sft:validate_job",
+    )
+)

@@ -23,8 +23,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig
 
+from alignctl.algos.online_base import PolicyRolloutAlgorithm, check_online_job
 from alignctl.engine.guards import loss_is_finite
-from alignctl.engine.online import OnlineData, run_online
+from alignctl.engine.online import run_online
 from alignctl.engine.run import RunResult
 from alignctl.errors import ConfigError
 from alignctl.losses.dpo import RunningMoments
@@ -32,15 +33,6 @@ from alignctl.losses.ppo import masked_mean, ppo_loss
 from alignctl.rl.advantages import gae_advantages, per_token_rewards, scale_scores
 from alignctl.rl.kl import KL_PENALTIES, build_kl_controller
 from alignctl.rollout.batch import Rollout
-
-# Fields of TrainConfig an online algorithm does not read (with the setting that replaces each).
-UNUSED_TRAIN_FIELDS = {
-    "per_device_batch_size": "algo.batch_size (prompts per rollout) and algo.mini_batch_size",
-    "gradient_accumulation_steps": "algo.gradient_accumulation_steps",
-    "per_device_eval_batch_size": None,
-    "eval_steps": None,
-    "group_by_length": None,
-}
 
 
 def check_ppo_config(cfg) -> None:
@@ -250,125 +242,33 @@ class PPOUpdate:
             setattr(self.running, key, value)
 
 
-class PPOAlgorithm:
-    """PPO's plug-in for the online loop: data, models, rollout and reward, then ``PPOUpdate``."""
+class PPOAlgorithm(PolicyRolloutAlgorithm):
+    """PPO's plug-in for the online loop: a value head on the policy, then ``PPOUpdate``."""
 
-    unit = "tokens"  # generated tokens
+    value_head = True
 
     def __init__(self, job: DictConfig) -> None:
-        self.cfg = job.algo
+        super().__init__(job)
         check_ppo_config(self.cfg)
-        self._pending_state: Optional[Dict[str, Any]] = None
 
-    def rollout_batch_size(self, job: DictConfig) -> int:
-        return job.algo.batch_size
-
-    def accumulation_steps(self, job: DictConfig) -> int:
-        return job.algo.gradient_accumulation_steps
-
-    def prepare_data(self, job: DictConfig) -> OnlineData:
-        from functools import partial
-
-        from alignctl.data.load import load_rows
-        from alignctl.data.prompts import build_prompt_examples, collate_prompts
-        from alignctl.models.load import load_tokenizer
-
-        self.tokenizer = load_tokenizer(job.model)
-        raw = load_rows(job.dataset, seed=job.train.seed)
-        data = build_prompt_examples(
-            raw.train, self.tokenizer, max_prompt_length=self.cfg.max_prompt_length,
-            truncation_mode=self.cfg.truncation_mode, skip_invalid=job.dataset.skip_invalid,
-        )
-        notes = [("data", f"{raw.source} ({data.format}, {len(data.examples)} prompts)")]
-        if data.skipped:
-            notes.append(("skipped rows", f"{data.skipped} (dataset.skip_invalid=true)"))
-        return OnlineData(
-            train=data.examples, collate=partial(collate_prompts, pad_token_id=self.tokenizer.pad_token_id),
-            notes=notes, processors=[self.tokenizer],
-        )
-
-    def build_model(self, job: DictConfig) -> torch.nn.Module:
-        from alignctl.models.policy import build_policy
-        from alignctl.models.reference import ReferenceModel, disable_dropout
-        from alignctl.models.value_head import PolicyWithValue, load_value_model
-
-        policy = build_policy(job, self.tokenizer)
-        disable_dropout(policy)  # old and new log-probs then agree before the first update
-        self.reference = ReferenceModel.build(job, policy, self.tokenizer, reference_free=False)
-        value_model = None
-        if self.cfg.value_model:
-            value_model = load_value_model(self.cfg.value_model, job.model.trust_remote_code)
-            disable_dropout(value_model)
-        return PolicyWithValue(
-            policy, value_model=value_model, temperature=float(job.generation.temperature),
-            chunk_size=job.train.logps_chunk_size, init_seed=job.train.seed,
-        )
-
-    def setup(self, job: DictConfig, loop) -> None:
-        from alignctl.rl.rewards import RewardModelScorer, RewardSources
-        from alignctl.rollout.generate import GenerationSettings
-
-        accelerator = loop.accelerator
-        self.loop = loop
-        self.reference.to(accelerator.device)
-        self.generation = GenerationSettings.from_config(job.generation)
-        scorer = None
-        if job.reward.model:
-            scorer = RewardModelScorer(job.reward.model, accelerator.device, job.reward.batch_size, job.reward.max_length)
-        self.rewards = RewardSources(list(job.reward.functions), scorer, job.reward.weights)
+    def setup_update(self, job: DictConfig, loop) -> None:
         self.update = PPOUpdate(
-            self.cfg, accelerator, loop.model, loop.optimizer, self.reference,
+            self.cfg, loop.accelerator, loop.model, loop.optimizer, self.reference,
             temperature=self.generation.temperature, chunk_size=job.train.logps_chunk_size,
             max_grad_norm=job.train.max_grad_norm, on_nonfinite=loop.handle_nonfinite,
         )
-        if self._pending_state is not None:
-            self.update.load_state_dict(self._pending_state)
 
     def iteration(self, batch: Dict[str, Any], loop) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
-        from alignctl.rollout.generate import generate
-
-        accelerator = loop.accelerator
-        start = time.perf_counter()
-        policy = accelerator.unwrap_model(loop.model).policy
-        with accelerator.autocast():
-            generated = generate(policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation)
-        generate_s = time.perf_counter() - start
-        examples = batch["examples"]
-        rollout = Rollout(
-            prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"],
-            response_ids=generated.response_ids, response_mask=generated.response_mask,
-            row_index=batch["row_index"], group_ids=torch.arange(len(examples), device=batch["prompt_ids"].device),
-            finished=generated.finished,
-        ).to(accelerator.device)
-        start = time.perf_counter()
-        prompts = [e.prompt_text for e in examples]
-        columns = {key: [e.columns.get(key) for e in examples] for key in examples[0].columns}
-        completion_ids = [row[: int(n)] for row, n in zip(generated.response_ids.tolist(), generated.lengths)]
-        reward = self.rewards(prompts, generated.texts, completion_ids, columns)
-        score_s = time.perf_counter() - start
-        loss, stats = self.update.step(rollout, reward.total.to(accelerator.device))
-        stats["time/ppo/generate"] = torch.tensor(generate_s)
-        stats["time/ppo/score"] = torch.tensor(score_s)
-        for name, values in reward.per_source.items():
+        sampled = self.sample(batch, loop)
+        loss, stats = self.update.step(sampled.rollout, sampled.total)
+        stats["time/ppo/generate"] = torch.tensor(sampled.timings["generate"])
+        stats["time/ppo/score"] = torch.tensor(sampled.timings["score"])
+        for name, values in sampled.per_source.items():
             stats[f"env/reward/{name}"] = torch.nanmean(values.float())
-        units = generated.response_mask.sum().cpu()
-        stats["generated_tokens_per_s"] = units.float() / max(generate_s, 1e-9)
-        self._show_samples(loop, prompts, generated.texts, reward.total)
+        units = sampled.rollout.response_mask.sum().cpu()
+        stats["generated_tokens_per_s"] = units.float() / max(sampled.timings["generate"], 1e-9)
+        self.show_samples(loop, sampled)
         return loss, stats, units
-
-    def _show_samples(self, loop, prompts: List[str], completions: List[str], scores: torch.Tensor) -> None:
-        """Every algo.sample_every steps: a table of a few completions, also appended to samples.jsonl."""
-        cfg = self.cfg
-        step = loop.progress.step + 1
-        if not cfg.sample_every or step % cfg.sample_every or not loop.accelerator.is_main_process:
-            return
-        from alignctl.tracking import log_samples
-
-        shown = list(zip(prompts, completions, scores.tolist()))[: cfg.num_samples_shown]
-        log_samples(loop.run_dir, step, shown, loop.tracker)
-
-    def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.policy
 
     def save_extras(self, model: torch.nn.Module, folder) -> None:
         from alignctl.models.value_head import save_value_head
@@ -378,46 +278,14 @@ class PPOAlgorithm:
     def state_dict(self) -> Dict[str, Any]:
         return self.update.state_dict()
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if hasattr(self, "update"):
-            self.update.load_state_dict(state)
-        else:
-            self._pending_state = state
-
-
-def check_online_job(job: DictConfig) -> None:
-    """Settings an online run does not read must not be changed silently."""
-    from alignctl.config import TrainConfig
-
-    defaults = TrainConfig()
-    for name, instead in UNUSED_TRAIN_FIELDS.items():
-        if job.train[name] != getattr(defaults, name):
-            hint = f"; use {instead}" if instead else ""
-            raise ConfigError(f"train.{name} is not used by algo={job.algo.name}{hint}")
-    if job.dataset.eval_split or job.dataset.eval_fraction:
-        raise ConfigError(
-            f"algo={job.algo.name} does not evaluate on held-out prompts yet; set dataset.eval_fraction=0 "
-            "and dataset.eval_split=null"
-        )
+    def restore(self, state: Dict[str, Any]) -> None:
+        self.update.load_state_dict(state)
 
 
 def validate_job(job: DictConfig) -> None:
     """Everything about a PPO job that can be checked before a run directory is touched."""
-    from alignctl.rl.rewards import RewardSources, _model_folder
-    from alignctl.rollout.generate import GenerationSettings
-
     check_online_job(job)
     check_ppo_config(job.algo)
-    GenerationSettings.from_config(job.generation)
-    if job.reward.name == "model" and not job.reward.model:
-        raise ConfigError("reward=model needs reward.model=<reward-model run directory or model folder>")
-    if job.reward.model:
-        _model_folder(job.reward.model)
-    # imports the reward functions and checks the weights (a reward model stands in as one source)
-    RewardSources(list(job.reward.functions), _PLACEHOLDER if job.reward.model else None, job.reward.weights)
-
-
-_PLACEHOLDER = object()  # counts the reward model among the sources without loading it
 
 
 def run_ppo(job: DictConfig) -> RunResult:

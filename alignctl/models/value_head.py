@@ -90,7 +90,9 @@ def token_logps(
 
 
 class PolicyWithValue(nn.Module):
-    """``forward(rollout)`` -> ``{"logprobs", "values", "entropy"?}``, each ``[B, R]``.
+    """``forward(rollout)`` -> ``{"logprobs", "values"?, "entropy"?}``, each ``[B, R]``.
+
+    ``with_value=False`` (GRPO, RLOO, iterative SFT): the policy alone, no value estimate.
 
     The module handed to ``accelerator.prepare``: DDP sees one forward that runs the policy (and
     the value model) and both heads.
@@ -101,6 +103,7 @@ class PolicyWithValue(nn.Module):
         policy: nn.Module,
         *,
         value_model: Optional[nn.Module] = None,
+        with_value: bool = True,
         temperature: float = 1.0,
         chunk_size: int = 1024,
         init_seed: int = 0,
@@ -110,7 +113,7 @@ class PolicyWithValue(nn.Module):
         self.value_model = value_model
         self.temperature = temperature
         self.chunk_size = chunk_size
-        if value_model is None:
+        if value_model is None and with_value:
             hidden_size = unwrap_causal_lm(policy).config.hidden_size
             generator = torch.Generator().manual_seed(init_seed)
             self.value_head = nn.Linear(hidden_size, 1)
@@ -124,18 +127,20 @@ class PolicyWithValue(nn.Module):
     def causal_lm(self) -> nn.Module:
         return unwrap_causal_lm(self.policy)
 
-    def forward(self, rollout: Rollout, with_entropy: bool = False) -> Dict[str, torch.Tensor]:
+    def forward(self, rollout: Rollout, with_entropy: bool = False, temperature: Optional[float] = None) -> Dict[str, torch.Tensor]:
+        """``temperature`` overrides the sampling temperature (iterative SFT trains at 1)."""
         causal_lm = self.causal_lm
         decoder, _ = _decoder_and_head(causal_lm)
         hidden = response_hidden(decoder, rollout)
         logprobs, entropy = token_logps(
-            causal_lm, hidden, rollout, temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=with_entropy
+            causal_lm, hidden, rollout, temperature=temperature or self.temperature, chunk_size=self.chunk_size,
+            with_entropy=with_entropy,
         )
+        out = {"logprobs": logprobs}
         if self.value_head is not None:
-            values = self.value_head(hidden).squeeze(-1).float()
-        else:
-            values = value_model_values(self.value_model, rollout)
-        out = {"logprobs": logprobs, "values": values * rollout.response_mask}
+            out["values"] = self.value_head(hidden).squeeze(-1).float() * rollout.response_mask
+        elif self.value_model is not None:
+            out["values"] = value_model_values(self.value_model, rollout) * rollout.response_mask
         if entropy is not None:
             out["entropy"] = entropy
         return out
@@ -217,6 +222,8 @@ def full_kl_per_token(policy_lm: nn.Module, reference, rollout: Rollout, *, temp
 
 def save_value_head(model: PolicyWithValue, folder: Path) -> None:
     """The value head (or the separate value model) beside the saved policy."""
+    if model.value_head is None and model.value_model is None:
+        return
     if model.value_head is not None:
         from safetensors.torch import save_file
 
