@@ -75,11 +75,11 @@ def _escape(text: str) -> str:
 
 
 def _train(args: List[str], dry_run: bool = False) -> int:
-    from omegaconf import OmegaConf
-
     from alignctl import launch
     from alignctl.compose import compose_job
     from alignctl.registry import get_algorithm
+    from alignctl.run_dir import config_text
+    from alignctl.validate import validate_job
 
     print_cfg = None
     overrides = []
@@ -102,13 +102,17 @@ def _train(args: List[str], dry_run: bool = False) -> int:
         raise ConfigError(f"--cfg {print_cfg}: use --cfg job")
     job = compose_job(overrides)
     algorithm = get_algorithm(job.algo.name)
+    validate_job(job)  # ranges, choices, interpolations: before anything is printed, written or launched
     if print_cfg:
-        print(OmegaConf.to_yaml(job, resolve=True), end="")
+        print(config_text(job), end="")  # as config.yaml will hold it (environment values unresolved)
         return 0
     algorithm.check(job)
     launch.validate_launcher(job)
     if dry_run:
         return launch.print_launch(job, overrides)
+    from alignctl.inputs import check_inputs
+
+    check_inputs(job)  # model, LoRA and data inputs: one clear line before anything loads or is written
     if launch.inside_launch():
         # One of the processes `accelerate launch` started: train here, never launch again.
         launch.prepare_launched_process(job)

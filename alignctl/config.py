@@ -176,11 +176,13 @@ class TrainConfig:
     length_group_batches: int = 50
     # A NaN/inf loss stops the run (naming the step and rows); true skips such batches and counts them.
     skip_nonfinite: bool = False
+    # With skip_nonfinite: stop (a clear error) after this many skipped batches without a completed step.
+    max_consecutive_nonfinite: int = 20
 
 
 @dataclass
 class GenerationConfig:
-    """Sampling of the online algorithms' rollouts (read by ppo; ignored by nothing else: offline
+    """Sampling of the online algorithms' rollouts (read by the online algorithms; offline
     algorithms refuse a changed value)."""
 
     # Longest response, in new tokens.
@@ -242,7 +244,7 @@ class JobConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Online algorithms only (ppo): sampling settings and reward sources.
+    # Online algorithms only (ppo, grpo, rloo, iterative_sft): sampling settings and reward sources.
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     run: RunConfig = field(default_factory=RunConfig)

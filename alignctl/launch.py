@@ -260,11 +260,11 @@ def _model_class(job: DictConfig) -> type:
 
 def plan_launch(job: DictConfig, overrides: Sequence[str]) -> LaunchPlan:
     """Fix the run directory and build the accelerate config and command(s); writes nothing."""
-    from alignctl.run_dir import resolve_run_dir
+    from alignctl.run_dir import plan_run
 
     config = accelerate_config(job)
-    resuming = bool(job.get("resume"))  # resume=auto|PATH continues an existing run directory
-    run_dir = (resolve_run_dir(job, resuming=True) if resuming else resolve_run_dir(job)).expanduser().resolve()
+    # The folder checks (and, with resume, the checkpoint checks) every launched process repeats.
+    run_dir = plan_run(job).run_dir.expanduser().resolve()
     config_file = run_dir / ACCELERATE_CONFIG
     child = [o for o in overrides if _override_key(o) != "run.output_dir"]
     child.append(f"run.output_dir={hydra_quote(str(run_dir))}")
@@ -285,9 +285,10 @@ def write_launch_files(plan: LaunchPlan, job: DictConfig, *, write_job_config: b
     import yaml
 
     from alignctl.compose import compose_job
-    from alignctl.run_dir import write_config
+    from alignctl.run_dir import mark_run_dir, write_config
 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(plan.run_dir, job.algo.name)  # so the launched processes recognise it as a run directory
     header = (
         "# accelerate config written by alignctl from the launcher group of config.yaml\n"
         f"# launcher={job.launcher.name}; run with: accelerate launch --config_file {plan.config_file} ...\n"

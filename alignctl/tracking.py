@@ -110,12 +110,26 @@ def print_summary(title: str, rows: List[Tuple[str, str]]) -> None:
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for _, record in _read_jsonl(Path(run_dir) / "metrics.jsonl")]
+
+
+def _read_jsonl(path: Path) -> List[Tuple[str, Dict[str, Any]]]:
+    """(line, record) pairs of a JSON-lines file; a line that does not parse (the partial last
+    line of a process killed mid-write) is left out."""
+    pairs = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            pairs.append((line, record))
+    return pairs
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop records logged after ``after_step`` (a resumed run logs those steps again)."""
+    """Drop records logged after ``after_step`` (a resumed run logs those steps again), and any
+    partial line."""
     for name in ("metrics.jsonl", SAMPLES_FILE):
         _truncate_jsonl(Path(run_dir) / name, after_step)
 
@@ -123,7 +137,7 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
 def _truncate_jsonl(path: Path, after_step: int) -> None:
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    kept = [line for line, r in _read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= after_step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

@@ -131,7 +131,7 @@ def test_pair_errors_keep_the_pairwise_messages(tok):
 def test_non_bool_label_names_row_and_value(tok):
     records = [{"prompt": f"Q{i}?", "completion": " A.", "label": i % 2 == 0} for i in range(3)]
     records.append({"prompt": "Q3?", "completion": " A.", "label": "yes"})
-    with pytest.raises(DataError, match=r"^row 3: column 'label' must be true or false, got 'yes'$"):
+    with pytest.raises(DataError, match=r"^row 3: column 'label' must be true or false, got 'yes'; .*dataset\.skip_invalid=true"):
         build_kto_examples(rows(*records), tok, **BIG)
     records[3]["label"] = 1
     with pytest.raises(DataError, match=r"row 3: column 'label' must be true or false, got 1"):

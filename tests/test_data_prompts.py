@@ -145,7 +145,7 @@ def test_bad_settings(tok, kwargs, message):
     "bad, message",
     [
         ({"prompt": "  "}, r"row 1: column 'prompt' is empty"),
-        ({"prompt": None}, r"row 1: column 'prompt' must be a string, got NoneType"),
+        ({"prompt": None}, r"row 1: column 'prompt' is missing or null"),
         ({"prompt": 5}, r"row 1: column 'prompt' must be a string or a list of messages, got int"),
         ({"question": "hi"}, r"row 1: missing column 'prompt'"),
         ({"prompt": [{"role": "user"}]}, r"row 1: prompt\[0\] must be a \{'role', 'content'\} message"),

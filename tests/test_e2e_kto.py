@@ -109,7 +109,7 @@ def test_chat_pairs_and_imbalance_warning_and_bad_labels(tmp_path):
     result = run_cli("train", "recipe=smoke/kto", f"dataset.path={data}", "dataset.eval_fraction=0",
                      f"run.output_dir={tmp_path / 'bad'}", *QUICK)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "row 0: column 'label' must be true or false, got 'yes'" in result.stderr
+    assert "skewed.jsonl: row 0 (line 1): column 'label' must be true or false, got 'yes'" in result.stderr
 
 
 def test_single_example_trains_without_kl_pairs(tmp_path):

@@ -18,6 +18,8 @@ from alignctl.models.policy import add_neftune_hook, build_policy
 
 
 class SFTAlgorithm:
+    token_level_loss = True  # the offline loop warns when the loss sits at ln(vocab)
+
     def prepare_data(self, job: DictConfig, tokenizer) -> PreparedData:
         cfg = job.algo
         if cfg.truncation_mode not in ("keep_start", "keep_end"):

@@ -50,7 +50,7 @@ import torch
 
 from alignctl.data.collate import pad_right
 from alignctl.data.encode import IGNORE_INDEX, encode_completion, encode_prompt, render_chat_completion
-from alignctl.data.load import Row, encode_each, require_messages
+from alignctl.data.load import Row, encode_each, names_file, require_messages
 from alignctl.data.pairwise import (
     CHAT_SUFFIX,
     PairExample,
@@ -157,6 +157,7 @@ def detect_kto_format(rows: Sequence[Row]) -> str:
     )
 
 
+@names_file
 def build_kto_examples(
     rows: Sequence[Row],
     tokenizer,

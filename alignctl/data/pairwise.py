@@ -32,7 +32,7 @@ from alignctl.data.encode import (
     render_chat_completion,
     truncate,
 )
-from alignctl.data.load import Row, encode_each, require_messages
+from alignctl.data.load import Row, encode_each, names_file, require_messages
 from alignctl.errors import ConfigError, DataError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -138,6 +138,7 @@ def detect_pair_format(rows: Sequence[Row]) -> str:
     return fmt
 
 
+@names_file
 def build_pair_examples(
     rows: Sequence[Row],
     tokenizer,

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from alignctl.data.encode import Messages, encode_prompt, render_chat_prompt, truncate
-from alignctl.data.load import Row, encode_each, require_messages, require_text
+from alignctl.data.load import Row, encode_each, names_file, require_messages, require_text
 from alignctl.data.pairwise import extract_shared_prompt
 from alignctl.errors import ConfigError, DataError
 
@@ -75,6 +75,7 @@ def detect_prompt_format(rows: Sequence[Row]) -> str:
     )
 
 
+@names_file
 def build_prompt_examples(
     rows: Sequence[Row],
     tokenizer,

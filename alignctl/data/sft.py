@@ -21,7 +21,7 @@ from alignctl.data.encode import (
     render_chat_completion,
     truncate,
 )
-from alignctl.data.load import Row, encode_each, require_messages, require_text
+from alignctl.data.load import Row, encode_each, names_file, require_messages, require_text
 from alignctl.errors import DataError
 
 FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -53,6 +53,7 @@ def detect_format(rows: List[Row]) -> str:
     )
 
 
+@names_file
 def build_sft_examples(rows: List[Row], tokenizer, cfg: SFTConfig, skip_invalid: bool) -> SFTData:
     """Tokenize, mask and truncate every row; pack when ``cfg.packing``."""
     fmt = detect_format(rows)

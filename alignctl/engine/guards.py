@@ -1,11 +1,12 @@
 """Stopping cleanly: SIGINT/SIGTERM finish the current step and checkpoint; non-finite losses are
-caught before they reach the weights."""
+caught before they reach the weights; a loss stuck at ln(vocab) is pointed out."""
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -68,3 +69,26 @@ def nonfinite_message(loss: torch.Tensor, step: int, rows: List[int], last_check
         f"non-finite loss ({float(loss.detach())}) at step {step + 1}, batch rows {rows}; {where}. "
         "Lower train.lr, check those rows, or set train.skip_nonfinite=true to skip such batches"
     )
+
+
+class UniformLossWatch:
+    """A token-level loss that sits at ln(vocab) means uniform predictions: the model has collapsed
+    (or never learns). ``see`` returns a one-time warning after ``patience`` logged losses in a row
+    within ``tolerance`` (relative) of that value."""
+
+    def __init__(self, uniform_loss: Optional[float], patience: int = 10, tolerance: float = 1e-3) -> None:
+        self.uniform_loss, self.patience, self.tolerance = uniform_loss, patience, tolerance
+        self.in_a_row, self.warned = 0, False
+
+    def see(self, loss: float) -> Optional[str]:
+        if self.uniform_loss is None or self.warned:
+            return None
+        near = math.isfinite(loss) and abs(loss - self.uniform_loss) <= self.tolerance * self.uniform_loss
+        self.in_a_row = self.in_a_row + 1 if near else 0
+        if self.in_a_row < self.patience:
+            return None
+        self.warned = True
+        return (
+            f"the training loss has stayed at {loss:.4f} = ln(vocabulary size) for {self.in_a_row} logged steps: the "
+            "model predicts a uniform distribution (diverged or not learning); check train.lr and the data"
+        )

@@ -10,6 +10,7 @@ real (non-padding) tokens.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -35,6 +36,8 @@ class PreparedData:
 
 
 class OfflineAlgorithm(Protocol):
+    # Optional attribute ``token_level_loss = True``: the loss is a mean NLL per token, so the loop
+    # warns when it sits at ln(vocab) (uniform predictions).
     def prepare_data(self, job: DictConfig, tokenizer) -> PreparedData: ...
 
     def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
@@ -99,6 +102,8 @@ class OfflineLoop(RunShell):
         self.notes = self.data.notes  # one list: set-up (reference precompute, resume) adds to it
         model = self.algorithm.build_model(job, tokenizer)
         self.algorithm.setup(job, accelerator, model, self.data)
+        if getattr(self.algorithm, "token_level_loss", False):  # mean NLL per token: uniform = ln(vocab)
+            self.uniform_loss = _uniform_loss(self.algorithm.unwrap_for_save(model))
 
         train_loader = torch.utils.data.DataLoader(
             self.data.train,
@@ -195,3 +200,8 @@ class OfflineLoop(RunShell):
 
     def late_summary_rows(self) -> List[Tuple[str, str]]:
         return [("padding", f"{self.last_padding:.0%} of batch positions (last logging window)")]
+
+
+def _uniform_loss(model: torch.nn.Module) -> Optional[float]:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return math.log(vocab) if isinstance(vocab, int) and vocab > 1 else None

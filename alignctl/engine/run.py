@@ -12,6 +12,7 @@ its throughput unit (tokens, samples, images) and the objects saved beside the m
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -19,14 +20,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig
 
-from alignctl.checkpoint import checkpoint_path, find_resume_checkpoint, list_checkpoints, save_checkpoint, write_atomically
-from alignctl.engine.guards import NonFiniteLoss, RunInterrupted, StopSignals, nonfinite_message
+from alignctl.checkpoint import UnreadableCheckpoint, checkpoint_path, list_checkpoints, save_checkpoint, write_atomically
+from alignctl.engine.guards import NonFiniteLoss, RunInterrupted, StopSignals, UniformLossWatch, nonfinite_message
 from alignctl.engine.optim import check_precision
 from alignctl.engine.state import TrainProgress, read_training_state, restore_rng, write_training_state
 from alignctl.engine.window import MetricWindow
 from alignctl.errors import ConfigError
-from alignctl.run_dir import FINAL_MODEL, resolve_run_dir, write_config
-from alignctl.tracking import SAMPLES_FILE, RunTracker, print_summary, truncate_metrics
+from alignctl.run_dir import FINAL_MODEL, check_steps_left, plan_run, run_identity, start_run_dir, write_config
+from alignctl.tracking import RunTracker, print_summary
 
 
 @dataclass
@@ -55,6 +56,10 @@ class RunShell:
         self.notes: List[Tuple[str, str]] = []  # extra summary rows (data, skipped rows, resume)
         self.processors: List[Any] = []  # saved beside the model (tokenizer, ...)
         self.last_loss = float("nan")
+        self.skipped_in_a_row = 0  # non-finite batches skipped since the last completed step
+        # Loss of uniform predictions (ln vocab) for token-level losses; a loop sets it to be warned
+        # when the logged loss sits there (a collapsed model).
+        self.uniform_loss: Optional[float] = None
 
     # ------------------------------------------------------------------ hooks for the loops
     def accumulation_steps(self) -> int:
@@ -83,33 +88,54 @@ class RunShell:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
+        """Plan (read-only checks), set up (accelerator, data, model, resume), and only then write
+        into the run directory: a run that fails before training leaves the folder as it was."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         job = self.job
         mixed_precision = check_precision(job.precision.name)
-        self.run_dir = resolve_run_dir(job, resuming=bool(job.resume))
-        resume_from = find_resume_checkpoint(self.run_dir, job.resume) if job.resume else None
+        plan = plan_run(job)
+        self.run_dir, self.run_id = plan.run_dir, plan.run_id
         _fresh_accelerator_state()
         self.accelerator = accelerator = Accelerator(
             mixed_precision=mixed_precision, gradient_accumulation_steps=self.accumulation_steps()
         )
         set_seed(self.tcfg.seed)
         self._check_sharded_options()
-        if accelerator.is_main_process:
-            write_config(job, self.run_dir)
-            if resume_from is None:
-                for name in ("metrics.jsonl", SAMPLES_FILE):
-                    (self.run_dir / name).unlink(missing_ok=True)
+        self._say(*plan.skipped)
         self.progress = TrainProgress()
         self.window = MetricWindow(self.unit)
         self.build()
-        if resume_from is not None:
-            self._restore(resume_from)
+        resumed = self._restore(plan.candidates) if plan.candidates else None
+        if resumed is not None:
+            check_steps_left(job, resumed, self.progress.step, self.total_steps)
+        if accelerator.is_main_process:
+            self._say(*start_run_dir(job, plan, self.progress.step if resumed is not None else None))
+        accelerator.wait_for_everyone()
         return self._train_and_finish()
 
-    def _restore(self, folder: Path) -> None:
-        resumed = read_training_state(folder, self.accelerator.unwrap_model(self.model))
+    def _say(self, *lines: str) -> None:
+        from alignctl.tracking import console
+
+        if self.accelerator.is_main_process:
+            for line in lines:
+                console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
+
+    def _restore(self, candidates: List[Path]) -> Path:
+        """Resume from the first checkpoint that loads (resume=auto offers older ones as fallbacks)."""
+        model = self.accelerator.unwrap_model(self.model)
+        for i, folder in enumerate(candidates):
+            try:
+                resumed = read_training_state(folder, model)
+                break
+            except UnreadableCheckpoint as exc:
+                if i == len(candidates) - 1:
+                    raise UnreadableCheckpoint(
+                        f"checkpoint {folder} cannot be resumed from: {exc}; name an older one with resume=PATH, "
+                        "or start without resume"
+                    ) from None
+                self._say(f"skipped checkpoint {folder}: {exc}")
         self.optimizer.load_state_dict(resumed["optimizer"])
         self.scheduler.load_state_dict(resumed["scheduler"])
         self.window.load_state_dict(resumed["window"], self.accelerator.device)
@@ -117,9 +143,8 @@ class RunShell:
         if hasattr(self.algorithm, "load_state_dict"):
             self.algorithm.load_state_dict(resumed["algorithm"])
         restore_rng(resumed["rng"])
-        if self.accelerator.is_main_process:
-            truncate_metrics(self.run_dir, after_step=self.progress.step)
         self.notes.append(("resumed from", f"{folder} (step {self.progress.step})"))
+        return folder
 
     def _train_and_finish(self) -> RunResult:
         job, accelerator, progress = self.job, self.accelerator, self.progress
@@ -128,6 +153,7 @@ class RunShell:
             progress=job.run.progress, tensorboard=job.run.tensorboard, unit=self.unit,
         )
         self.units_before = progress.units_total  # > 0 when resumed: not part of this process's speed
+        self.uniform_watch = UniformLossWatch(self.uniform_loss)
         start = self.window.started = time.perf_counter()  # set-up time is not throughput
         with self.tracker, StopSignals() as self.stop:
             if progress.step:  # resumed: start the bar where the run stopped
@@ -147,8 +173,13 @@ class RunShell:
         evaluate, checkpoint, and stop cleanly when a signal asked for it."""
         tcfg, progress = self.tcfg, self.progress
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A step whose updates were all skipped (non-finite losses, no kept completion) still
+            # advances the schedule, on purpose: torch warns about that order.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
         progress.step += 1
+        self.skipped_in_a_row = 0
         step = progress.step
         if step == 1 or step % tcfg.logging_steps == 0 or step == self.total_steps:
             record, units = self.window.flush(self.accelerator)
@@ -160,13 +191,17 @@ class RunShell:
                 record["skipped_nonfinite"] = progress.skipped_nonfinite
             self.tracker.log(step, record)
             self.tracker.advance(step, record["loss"], lr, record[f"{self.unit}_per_s"])
+            warning = self.uniform_watch.see(record["loss"])
+            if warning:
+                self.tracker.print(f"[yellow]warning:[/] {warning}")
         if tcfg.eval_steps > 0 and step % tcfg.eval_steps == 0 and step < self.total_steps:
             eval_record = self.evaluate()
             if eval_record:
                 self.tracker.log(step, eval_record, split="eval")
         if tcfg.save_steps > 0 and step % tcfg.save_steps == 0 and step < self.total_steps:
             self.save_checkpoint()
-        if self.stop.any_process(self.accelerator):
+        # After the last step the run just finishes (its final save is the checkpoint that matters).
+        if step < self.total_steps and self.stop.any_process(self.accelerator):
             path = self.save_checkpoint()
             raise RunInterrupted(
                 f"stopped by {self.stop.signal_name or 'a signal'} after step {step}; checkpoint {path}; "
@@ -174,14 +209,32 @@ class RunShell:
             )
 
     def handle_nonfinite(self, loss: torch.Tensor, rows: List[int]) -> None:
-        """Stop naming the step and rows, or (train.skip_nonfinite) count the skipped batch."""
+        """Stop naming the step and rows, or (train.skip_nonfinite) count the skipped batch; stop
+        anyway after train.max_consecutive_nonfinite skips in a row, or when a signal asks."""
         if not self.tcfg.skip_nonfinite:
-            found = list_checkpoints(self.run_dir)
-            raise NonFiniteLoss(nonfinite_message(loss, self.progress.step, rows, str(found[-1]) if found else None))
+            raise NonFiniteLoss(nonfinite_message(loss, self.progress.step, rows, self._last_checkpoint()))
         self.progress.skipped_nonfinite += 1
+        self.skipped_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
+        step, limit = self.progress.step + 1, self.tcfg.max_consecutive_nonfinite
         if self.accelerator.is_main_process:
-            self.tracker.print(f"[yellow]skipped a batch with a non-finite loss at step {self.progress.step + 1}[/]")
+            self.tracker.print(f"[yellow]skipped a batch with a non-finite loss at step {step}[/]")
+        where = self._last_checkpoint() or "none yet"
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteLoss(
+                f"{self.skipped_in_a_row} batches in a row had a non-finite loss at step {step} "
+                f"(train.max_consecutive_nonfinite={limit}): the model has diverged; last good checkpoint: {where}. "
+                "Lower train.lr or check the data, then resume=auto (or start over with run.overwrite=true)"
+            )
+        if self.stop.any_process(self.accelerator):  # the step is incomplete: nothing new to save
+            raise RunInterrupted(
+                f"stopped by {self.stop.signal_name or 'a signal'} while skipping non-finite batches at step {step}; "
+                f"last checkpoint: {where}; continue with the same command plus resume=auto run.output_dir={self.run_dir}"
+            )
+
+    def _last_checkpoint(self) -> Optional[str]:
+        found = list_checkpoints(self.run_dir)
+        return str(found[-1]) if found else None
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
@@ -203,6 +256,7 @@ class RunShell:
                         )
                     )
 
+            state.update(run_id=self.run_id, identity=run_identity(self.job))  # what resume checks
             save_checkpoint(self.run_dir, progress.step, write, state, keep=self.tcfg.save_total_limit)
         accelerator.wait_for_everyone()
         return path

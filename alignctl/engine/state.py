@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from alignctl.checkpoint import STATE_FILE
+from alignctl.checkpoint import STATE_FILE, UnreadableCheckpoint
 from alignctl.errors import AlignctlError
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -59,33 +59,60 @@ def write_training_state(
 
 
 def read_training_state(folder: Path, model: torch.nn.Module) -> Dict[str, Any]:
-    """Load trainable weights into ``model`` (before accelerate.prepare) and return the rest."""
-    from safetensors.torch import load_file
+    """Load trainable weights into ``model`` (before accelerate.prepare) and return the rest.
 
-    if not (folder / TRAINABLE_FILE).exists():
+    Every file is read before anything is changed: a file that cannot be read raises
+    ``UnreadableCheckpoint`` (resume=auto then tries an older checkpoint); weights of other names or
+    shapes than the model's are a clear error."""
+    if not (folder / TRAINABLE_FILE).exists() and (folder / "model").is_dir():
         raise AlignctlError(
             f"checkpoint {folder} holds model weights only (written under launcher=fsdp or deepspeed, whose "
             f"sharded optimizer state alignctl does not resume yet); start a new run from them with "
             f"model.name_or_path={folder / 'model'}"
         )
-    weights = load_file(str(folder / TRAINABLE_FILE))
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    loaded = _read_files(folder)
+    _check_fits(folder, loaded.pop("weights"), model)
+    return loaded
+
+
+def _read_files(folder: Path) -> Dict[str, Any]:
+    from safetensors.torch import load_file
+
+    readers = {
+        "weights": (TRAINABLE_FILE, lambda path: load_file(str(path))),
+        "state": (STATE_FILE, lambda path: json.loads(path.read_text(encoding="utf-8"))),
+        **{key: (name, lambda path: torch.load(path, weights_only=True)) for key, name in (
+            ("optimizer", OPTIMIZER_FILE), ("scheduler", SCHEDULER_FILE), ("rng", RNG_FILE), ("window", WINDOW_FILE))},
+    }
+    loaded: Dict[str, Any] = {}
+    for key, (name, read) in readers.items():
+        try:
+            loaded[key] = read(folder / name)
+        except Exception as exc:  # truncated, corrupt or missing: any reader error means unusable
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise UnreadableCheckpoint(f"{name} cannot be read ({reason})") from None
+    state = loaded.pop("state")
+    loaded["progress"] = TrainProgress(**state["progress"])
+    loaded["algorithm"] = state.get("algorithm", {})
+    return loaded
+
+
+def _check_fits(folder: Path, weights: Dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
         raise AlignctlError(
             f"checkpoint {folder} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
             "resume with the same model, peft and algo settings as the original run"
         )
+    for name, param in params.items():
+        if weights[name].shape != param.shape:
+            raise AlignctlError(
+                f"checkpoint {folder} does not fit this model: {name} has shape {list(weights[name].shape)} in the "
+                f"checkpoint and {list(param.shape)} in the model; resume with the same model settings "
+                "(model.*, peft.*) as the original run"
+            )
     model.load_state_dict(weights, strict=False)
-    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    return {
-        "progress": TrainProgress(**state["progress"]),
-        "algorithm": state.get("algorithm", {}),
-        "optimizer": torch.load(folder / OPTIMIZER_FILE, weights_only=True),
-        "scheduler": torch.load(folder / SCHEDULER_FILE, weights_only=True),
-        "rng": torch.load(folder / RNG_FILE, weights_only=True),
-        "window": torch.load(folder / WINDOW_FILE, weights_only=True),
-    }
 
 
 def _rng_state() -> Dict[str, Any]:

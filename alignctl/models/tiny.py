@@ -86,8 +86,9 @@ def _trained_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def build_tiny_model(arch: ArchConfig, tokenizer):
-    """A LlamaForCausalLM with random weights seeded by ``arch.init_seed``."""
+def build_tiny_model(arch: ArchConfig, tokenizer, attn_implementation: str | None = None):
+    """A LlamaForCausalLM with random weights seeded by ``arch.init_seed``; ``attn_implementation``
+    (model.attn_implementation) is honoured like a loaded model's (None: transformers' default)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -102,6 +103,7 @@ def build_tiny_model(arch: ArchConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
+        attn_implementation=attn_implementation,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(arch.init_seed)
