@@ -49,14 +49,14 @@ def _refuse_online_groups(job, name: str) -> None:
 
     if job.reward != _defaults(RewardSourceConfig):
         raise ConfigError(
-            f"reward is used by online algorithms only (ppo); algo={name} does not read it: drop the reward=/reward.* "
+            f"reward is used by online algorithms only (ppo, grpo, rloo, iterative_sft); algo={name} does not read it: drop the reward=/reward.* "
             "overrides"
         )
     defaults = _defaults(GenerationConfig)
     for key in defaults:
         if job.generation[key] != defaults[key]:
             raise ConfigError(
-                f"generation.{key} is used by online algorithms only (ppo); algo={name} does not read it: drop it"
+                f"generation.{key} is used by online algorithms only (ppo, grpo, rloo, iterative_sft); algo={name} does not read it: drop it"
             )
 
 

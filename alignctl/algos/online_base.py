@@ -177,9 +177,18 @@ class PolicyRolloutAlgorithm:
         prompts = [e.prompt_text for e in examples]
         columns = {key: [e.columns.get(key) for e in examples] for key in examples[0].columns}
         completion_ids = [row[: int(n)] for row, n in zip(generated.response_ids.tolist(), generated.lengths)]
-        reward = self.rewards(prompts, generated.texts, completion_ids, columns)
+        model_prompts = [self._policy_prompt_text(e.prompt_ids) for e in examples] if self.rewards.model_scorer else None
+        with accelerator.autocast():  # the reward model runs in the run's precision
+            reward = self.rewards(prompts, generated.texts, completion_ids, columns, model_prompts=model_prompts)
         timings = {"generate": generate_s, "score": time.perf_counter() - start}
         return Sampled(rollout, prompts, generated.texts, reward.total.to(accelerator.device), reward.per_source, timings)
+
+    def _policy_prompt_text(self, prompt_ids: List[int]) -> str:
+        """The prompt as the policy saw it (cut to algo.max_prompt_length), without a leading BOS
+        (the reward model's tokenizer adds its own)."""
+        bos = self.tokenizer.bos_token_id
+        ids = prompt_ids[1:] if bos is not None and prompt_ids and prompt_ids[0] == bos else prompt_ids
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def completion_metrics(self, sampled: Sampled, prefix: str) -> Dict[str, torch.Tensor]:
         """Reward per source and completion lengths (mean/min/max, share that hit max_new_tokens)."""

@@ -296,8 +296,12 @@ class RewardSources:
         completions: Sequence[str],
         completion_ids: Sequence[Sequence[int]],
         columns: Optional[Mapping[str, Sequence[Any]]] = None,
+        model_prompts: Optional[Sequence[str]] = None,
     ) -> RewardResult:
-        """Score a batch of B completions; ``columns`` are the data set's other columns (lists of B)."""
+        """Score a batch of B completions; ``columns`` are the data set's other columns (lists of B).
+
+        ``model_prompts``: the prompts as the policy saw them (after truncation), for the reward
+        model; the functions get ``prompts`` (the data set's text), as in the reference library."""
         B = len(completions)
         if len(prompts) != B or len(completion_ids) != B:
             raise ValueError(f"rewards: {len(prompts)} prompts, {B} completions, {len(completion_ids)} completion_ids")
@@ -306,7 +310,8 @@ class RewardSources:
                 raise ValueError(f"rewards: column {key!r} has {len(values)} values for {B} completions")
         per_source: Dict[str, torch.Tensor] = {}
         if self.model_scorer is not None:
-            per_source[REWARD_MODEL] = self.model_scorer.score(prompts, completions).float().cpu()
+            scored = model_prompts if model_prompts is not None else prompts
+            per_source[REWARD_MODEL] = self.model_scorer.score(scored, completions).float().cpu()
         for name, fn in self.functions:
             per_source[name] = call_reward_function(fn, name, prompts, completions, completion_ids, columns)
         total = torch.zeros(B, dtype=torch.float32)
