@@ -119,13 +119,7 @@ class GRPOAlgorithm(PolicyRolloutAlgorithm):
                     )
                     return result.loss, result.stats
 
-                for part in group:
-                    done = self.optimize(loop, part, compute)
-                    if done is None:
-                        continue
-                    losses.append(done[0])
-                    for key, value in done[1].items():
-                        stats.setdefault(key, []).append(value)
+                self.optimize_parts(loop, group, compute, losses, stats)
         return losses, stats
 
 

@@ -73,10 +73,8 @@ class IterativeSFTAlgorithm(PolicyRolloutAlgorithm):
                 return -(logps * mask).sum() / mask.sum().clamp(min=1), {}
 
             for _ in range(cfg.sft_epochs):
-                for part in kept.minibatches(cfg.mini_batch_size):
-                    done = self.optimize(loop, part.trimmed(), compute)
-                    if done is not None:
-                        losses.append(done[0])
+                parts = (part.trimmed() for part in kept.minibatches(cfg.mini_batch_size))
+                self.optimize_parts(loop, parts, compute, losses, {})
         elif loop.accelerator.is_main_process:
             loop.tracker.print(f"[yellow]round {loop.progress.step + 1}: no completion was kept; no update[/]")
         metrics = self.completion_metrics(sampled, prefix="round/")

@@ -271,6 +271,16 @@ class PolicyRolloutAlgorithm:
             loop.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), stats
 
+    def optimize_parts(self, loop, parts, compute, losses: List[torch.Tensor], stats: Dict[str, List[torch.Tensor]]) -> None:
+        """``optimize`` each mini-batch of ``parts``, collecting the losses and stats of those that ran."""
+        for part in parts:
+            done = self.optimize(loop, part, compute)
+            if done is None:
+                continue
+            losses.append(done[0])
+            for key, value in done[1].items():
+                stats.setdefault(key, []).append(value)
+
     # ------------------------------------------------------------------ saving and resume
     def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.policy

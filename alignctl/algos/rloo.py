@@ -105,13 +105,8 @@ class RLOOAlgorithm(PolicyRolloutAlgorithm):
         losses: List[torch.Tensor] = []
         stats: Dict[str, List[torch.Tensor]] = {}
         for _ in range(cfg.num_ppo_epochs):
-            for part in rollout.minibatches(cfg.mini_batch_size):
-                done = self.optimize(loop, part.trimmed(), compute)
-                if done is None:
-                    continue
-                losses.append(done[0])
-                for key, value in done[1].items():
-                    stats.setdefault(key, []).append(value)
+            parts = (part.trimmed() for part in rollout.minibatches(cfg.mini_batch_size))
+            self.optimize_parts(loop, parts, compute, losses, stats)
         return losses, stats
 
 

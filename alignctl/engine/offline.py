@@ -9,7 +9,6 @@ real (non-padding) tokens.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Protocol, Tuple
@@ -133,24 +132,10 @@ class OfflineLoop(RunShell):
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
-        progress = self.progress
         self.model.train()
-        while progress.step < self.total_steps:
-            # accelerate's loader passes its epoch on to our sampler at each pass: set it, so a
-            # resumed run continues the right epoch's order.
-            self.train_loader.set_epoch(progress.epoch)
-            # On resume, pass over the micro-batches this epoch already used (collated, not run).
-            loader = itertools.islice(iter(self.train_loader), progress.batch_in_epoch, None)
-            for batch in loader:
-                progress.batch_in_epoch += 1
-                if not self._micro_step(batch):
-                    continue
+        for batch in self.batches(self.train_loader):
+            if self._micro_step(batch):  # an optimizer step completed
                 self.end_step()
-                if progress.step >= self.total_steps:
-                    break
-            else:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
 
     def _micro_step(self, batch: Dict[str, torch.Tensor]) -> bool:
         """Forward/backward one micro-batch; True when an optimizer step completed."""

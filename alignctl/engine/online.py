@@ -9,7 +9,6 @@ units (generated tokens, images, ...) it produced. The algorithm plugs in throug
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Protocol, Tuple
 
@@ -86,22 +85,12 @@ class OnlineLoop(RunShell):
         self.algorithm.setup(job, self)
 
     def train(self) -> None:
-        progress = self.progress
         self.model.train()
-        while progress.step < self.total_steps:
-            self.loader.set_epoch(progress.epoch)
-            batches = itertools.islice(iter(self.loader), progress.batch_in_epoch, None)
-            for batch in batches:
-                progress.batch_in_epoch += 1
-                self._seed_step()
-                loss, metrics, units = self.algorithm.iteration(batch, self)
-                self.window.add(loss.detach(), metrics, units)
-                self.end_step()
-                if progress.step >= self.total_steps:
-                    break
-            else:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
+        for batch in self.batches(self.loader):
+            self._seed_step()
+            loss, metrics, units = self.algorithm.iteration(batch, self)
+            self.window.add(loss.detach(), metrics, units)
+            self.end_step()
 
     def _seed_step(self) -> None:
         """Seed the global RNG (sampling, mini-batch shuffles) from (seed, step, process): a step

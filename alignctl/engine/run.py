@@ -11,11 +11,12 @@ its throughput unit (tokens, samples, images) and the objects saved beside the m
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -167,6 +168,22 @@ class RunShell:
         self._print_summary(wall, eval_record, final_dir)
         units = progress.units_total - self.units_before
         return RunResult(self.run_dir, progress.step, self.last_loss, units, wall, self.unit)
+
+    def batches(self, loader) -> Iterator[Any]:
+        """The loader's batches from where ``progress`` stands, epoch after epoch, until the last
+        step. Each epoch's shuffle is seeded by (seed, epoch) and a resumed run skips the batches its
+        epoch already used, so it continues the same order."""
+        progress = self.progress
+        while progress.step < self.total_steps:
+            # accelerate's loader passes its epoch on to our sampler at each pass
+            loader.set_epoch(progress.epoch)
+            for batch in itertools.islice(iter(loader), progress.batch_in_epoch, None):
+                progress.batch_in_epoch += 1
+                yield batch
+                if progress.step >= self.total_steps:
+                    return
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
 
     def end_step(self) -> None:
         """After each optimizer step (offline) or rollout iteration (online): schedule, log,
