@@ -118,8 +118,20 @@ def _train(args: List[str], dry_run: bool = False) -> int:
         launch.prepare_launched_process(job)
     elif job.launcher.name != "local":
         return launch.launch(job, overrides)
-    algorithm.load_driver()(job)
+    try:
+        algorithm.load_driver()(job)
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Leave the process group of a multi-process launch explicitly: a group torn down only at
+    interpreter exit can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _list() -> int:
