@@ -78,8 +78,10 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("cases", nargs="*", choices=[[], *CASES], help="cases to run (default: all)")
     args = parser.parse_args()
-    results = {name: run_case(extra, args.model, args.steps) for name, extra in CASES.items()}
+    chosen = args.cases or list(CASES)
+    results = {name: run_case(CASES[name], args.model, args.steps) for name in chosen}
     print(f"GRPO step, {args.model}, 8 prompts x 4 generations, 64 new tokens (median of steps 2..{args.steps})")
     print(f"{'case':10} " + " ".join(f"{p:>9}" for p in PHASES) + f" {'step':>8} {'gen tok/s':>9} {'peak RSS':>9}")
     for name, r in results.items():
