@@ -242,3 +242,47 @@ class IterativeSFTConfig:
     gradient_accumulation_steps: int = 1
     sample_every: int = 10
     num_samples_shown: int = 4
+
+
+@dataclass
+class DDPOConfig:
+    """DDPO (Black et al. 2023) as the reference library's DDPOTrainer, with its DDPOConfig names
+    and defaults. One alignctl step is one reference epoch: sample_num_batches_per_epoch batches
+    of sample_batch_size prompts sampled, scored, then train_num_inner_epochs passes of the
+    clipped update. Elsewhere: train_learning_rate = train.lr, train_adam_* = train.adam_*,
+    train_adam_weight_decay = train.weight_decay, train_max_grad_norm = train.max_grad_norm,
+    num_epochs = train.max_steps, save_freq = train.save_steps, num_checkpoint_limit =
+    train.save_total_limit, mixed_precision = precision=, seed = train.seed; LoRA = peft=lora."""
+
+    name: str = "ddpo"
+    # Sampling: DDIM steps, eta (> 0: the step is a Gaussian policy), classifier-free guidance scale.
+    sample_num_steps: int = 50
+    sample_eta: float = 1.0
+    sample_guidance_scale: float = 5.0
+    # Images per sampling batch (per process) and batches per epoch (= per alignctl step).
+    sample_batch_size: int = 1
+    sample_num_batches_per_epoch: int = 2
+    # Negative prompt for classifier-free guidance ("" = the unconditional embedding).
+    negative_prompts: str = ""
+    # Image side in pixels; null = the pipeline's default (unet.sample_size x VAE scale).
+    resolution: Optional[int] = None
+    # Training: samples per forward, micro-batches per optimizer step (times the trained timesteps).
+    train_batch_size: int = 1
+    train_gradient_accumulation_steps: int = 1
+    train_num_inner_epochs: int = 1
+    # Guidance in the training forward too (needed when sampling used it).
+    train_cfg: bool = True
+    train_adv_clip_max: float = 5.0
+    train_clip_range: float = 1e-4
+    # Share of the denoising steps trained per sample (each sample's steps in random order).
+    train_timestep_fraction: float = 1.0
+    # Advantages from each prompt's own reward buffer (else the batch's whitened rewards).
+    per_prompt_stat_tracking: bool = False
+    per_prompt_stat_tracking_buffer_size: int = 16
+    per_prompt_stat_tracking_min_count: int = 16
+    # LoRA on the UNet's attention projections (the reference's use_lora; rank lora_rank, alpha =
+    # rank, or peft=lora's r/alpha); false trains the whole UNet.
+    use_lora: bool = True
+    lora_rank: int = 4
+    # Seed of the built-in tiny pipeline's random weights (model=tiny_sd).
+    init_seed: int = 0

@@ -49,14 +49,14 @@ def _refuse_online_groups(job, name: str) -> None:
 
     if job.reward != _defaults(RewardSourceConfig):
         raise ConfigError(
-            f"reward is used by online algorithms only (ppo, grpo, rloo, iterative_sft); algo={name} does not read it: drop the reward=/reward.* "
+            f"reward is used by online algorithms only (ppo, grpo, rloo, iterative_sft, ddpo); algo={name} does not read it: drop the reward=/reward.* "
             "overrides"
         )
     defaults = _defaults(GenerationConfig)
     for key in defaults:
         if job.generation[key] != defaults[key]:
             raise ConfigError(
-                f"generation.{key} is used by online algorithms only (ppo, grpo, rloo, iterative_sft); algo={name} does not read it: drop it"
+                f"generation.{key} is used by online algorithms only (ppo, grpo, rloo, iterative_sft, ddpo); algo={name} does not read it: drop it"
             )
 
 
@@ -187,5 +187,16 @@ register(
         description="expert iteration: sample, keep the best completions, fine-tune on them, repeat",
         loop="online",
         validate="alignctl.algos.iterative_sft:validate_job",
+    )
+)
+register(
+    Algorithm(
+        name="ddpo",
+        config_cls=algo_configs.DDPOConfig,
+        loss="alignctl.losses.ddpo:ddpo_loss",
+        driver="alignctl.algos.ddpo:run_ddpo",
+        description="denoising diffusion policy optimisation: RL for text-to-image pipelines (needs an image reward)",
+        loop="online",
+        validate="alignctl.algos.ddpo:validate_job",
     )
 )
