@@ -162,22 +162,15 @@ def test_bad_settings_are_refused(tmp_path):
 
 
 def test_sigkill_then_resume_logs_exactly_the_uninterrupted_numbers(tmp_path, one_thread):
-    import signal
-
     from alignctl.cli import main
     from alignctl.tracking import read_metrics
-    from test_resume_faults import start, wait_for_checkpoint
+    from test_resume_faults import kill_at_checkpoint_then_resume
 
     args = ["train", "recipe=smoke/ddpo", "train.max_steps=24", "train.save_steps=2",
             "algo.per_prompt_stat_tracking=true", "algo.per_prompt_stat_tracking_min_count=2", *QUIET]
     assert main(args + [f"run.output_dir={tmp_path / 'whole'}"]) == 0
     killed = tmp_path / "killed"
-    proc = start(args + [f"run.output_dir={killed}"])
-    wait_for_checkpoint(killed, "step-0000002", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final_model").exists(), "the run finished before it could be killed"
-    assert main(args + [f"run.output_dir={killed}", "resume=auto"]) == 0
+    kill_at_checkpoint_then_resume(args, killed, "step-0000002")
 
     def numbers(run_dir):
         return [(r["step"], r["loss"], r["reward_mean"], r["advantages/abs_mean"])

@@ -1,13 +1,11 @@
 """GRPO, RLOO and iterative SFT end to end: CLI runs, exact resume, learning, the Python API."""
 
-import signal
-
 import pytest
 import torch
 
 from alignctl.cli import main
 from alignctl.tracking import read_metrics
-from test_resume_faults import start, wait_for_checkpoint
+from test_resume_faults import kill_at_checkpoint_then_resume
 
 QUIET = ["run.progress=false", "algo.sample_every=0"]
 
@@ -76,12 +74,7 @@ def test_sigkill_then_resume_logs_exactly_the_uninterrupted_numbers(tmp_path, re
     args = ["train", f"recipe=smoke/{recipe}", *steps]
     assert main(args + [f"run.output_dir={tmp_path / 'whole'}"]) == 0
     killed = tmp_path / "killed"
-    proc = start(args + [f"run.output_dir={killed}"])
-    wait_for_checkpoint(killed, "step-0000002", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final_model").exists(), "the run finished before it could be killed"
-    assert main(args + [f"run.output_dir={killed}", "resume=auto"]) == 0
+    kill_at_checkpoint_then_resume(args, killed, "step-0000002")
 
     def numbers(run_dir):
         return [(r["step"], *(r[k] for k in keys)) for r in read_metrics(run_dir) if r["split"] == "train"]

@@ -1,14 +1,12 @@
 """PPO end to end: the CLI run, the step() API, exact resume after SIGKILL, DDP, learning, bad input."""
 
-import signal
-
 import pytest
 import torch
 
 from alignctl.cli import main
 from alignctl.tracking import read_metrics
 from conftest import run_cli
-from test_resume_faults import start, wait_for_checkpoint
+from test_resume_faults import kill_at_checkpoint_then_resume
 
 RUN = ["train", "recipe=smoke/ppo", "run.progress=false"]
 # Values that depend only on the samples, scores and weights (not on wall-clock time).
@@ -44,12 +42,7 @@ def test_sigkill_then_resume_logs_exactly_the_uninterrupted_numbers(tmp_path):
     steps = ["train.max_steps=60", "train.save_steps=3", "algo.sample_every=0"]
     assert main(RUN + steps + [f"run.output_dir={tmp_path / 'whole'}"]) == 0
     killed = tmp_path / "killed"
-    proc = start(RUN + steps + [f"run.output_dir={killed}"])
-    wait_for_checkpoint(killed, "step-0000003", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final_model").exists(), "the run finished before it could be killed"
-    assert main(RUN + steps + [f"run.output_dir={killed}", "resume=auto"]) == 0
+    kill_at_checkpoint_then_resume(RUN + steps, killed, "step-0000003")
     assert deterministic(killed) == deterministic(tmp_path / "whole")
 
 

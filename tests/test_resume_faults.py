@@ -39,6 +39,17 @@ def wait_for_checkpoint(run_dir, name, proc, timeout=120):
     raise AssertionError(f"no checkpoint {name} within {timeout}s")
 
 
+def kill_at_checkpoint_then_resume(args, run_dir, checkpoint):
+    """Start ``args`` into ``run_dir``, SIGKILL it once ``checkpoint`` is complete, then resume it
+    in-process to the end (asserting it had not finished before the kill)."""
+    proc = start(args + [f"run.output_dir={run_dir}"])
+    wait_for_checkpoint(run_dir, checkpoint, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "final_model").exists(), "the run finished before it could be killed"
+    assert main(args + [f"run.output_dir={run_dir}", "resume=auto"]) == 0
+
+
 def test_sigkill_then_resume_logs_exactly_the_uninterrupted_losses(tmp_path):
     steps = ["train.max_steps=150", "train.save_steps=5"]
     assert main(RUN + steps + [f"run.output_dir={tmp_path / 'whole'}"]) == 0
