@@ -6,8 +6,8 @@ preset is validated against the dataclass below while Hydra composes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 
 @dataclass
@@ -286,3 +286,16 @@ class DDPOConfig:
     lora_rank: int = 4
     # Seed of the built-in tiny pipeline's random weights (model=tiny_sd).
     init_seed: int = 0
+    # Score each sampling batch in a thread pool (max_workers threads) as soon as its images are
+    # decoded, overlapping the reward with the sampling of the next batch (the reference's names);
+    # same rewards as the synchronous path.
+    async_reward_computation: bool = False
+    max_workers: int = 2
+    # Prompt sources. By default the prompts are the dataset's `prompt` column (other columns reach
+    # the reward functions as per-prompt metadata); dataset.path=FILE.txt reads one prompt per
+    # non-empty line. At most one of the two below may be set, and when one is, the dataset is not
+    # read (dataset.path=*.txt with either is an error): `prompts` a list of prompt strings;
+    # `prompt_fn` "module:function", called once with no arguments, returning a list of prompt
+    # strings or of (prompt, metadata dict) pairs whose keys reach the reward functions as columns.
+    prompts: List[str] = field(default_factory=list)
+    prompt_fn: Optional[str] = None

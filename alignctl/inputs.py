@@ -13,6 +13,8 @@ def check_inputs(job) -> None:
     from alignctl.models.load import check_model_config
     from alignctl.models.peft_wrap import check_peft_config
 
-    check_model_config(job.model)
     check_peft_config(job.peft)
+    if job.algo.name == "ddpo":  # a diffusion pipeline and prompt sources of its own: algos/ddpo.py checks them
+        return
+    check_model_config(job.model)
     check_files(job.dataset)

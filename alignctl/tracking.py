@@ -79,6 +79,12 @@ class RunTracker:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             self._progress.console.print(f"[cyan]{split} @ step {step}[/]  {shown}")
 
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        """An image (uint8 numpy array, height x width x channels) to TensorBoard; nothing when
+        TensorBoard is off or on a process other than the main one."""
+        if self._writer is not None:
+            self._writer.add_image(tag, image, step, dataformats="HWC")
+
     def print(self, message: str) -> None:
         if self.enabled:
             (self._progress.console if self._progress else console).print(message)

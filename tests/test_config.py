@@ -49,7 +49,7 @@ def test_hub_presets_name_hub_ids():
         ("train.lr=abc", "train.lr=abc: expected a value of type float"),
         ("train.max_steps=1.5", "train.max_steps=1.5: expected a value of type integer"),
         ("algo.packing=maybe", "algo.packing=maybe: expected a value of type bool"),
-        ("model=nope", "model=nope: no such preset in group 'model'; choose one of: llama, qwen, smollm2, tiny"),
+        ("model=nope", "model=nope: no such preset in group 'model'; choose one of: llama, qwen, sd15, smollm2, tiny, tiny_sd"),
         ("recipe=smoke/nope", "recipe=smoke/nope: no such recipe"),
         ("bogus=1", "unknown config key 'bogus'"),
     ],

@@ -177,3 +177,107 @@ def test_sigkill_then_resume_logs_exactly_the_uninterrupted_numbers(tmp_path, on
                 for r in read_metrics(run_dir) if r["split"] == "train"]
 
     assert numbers(killed) == numbers(tmp_path / "whole")
+
+
+# ---------------------------------------------------------------------------------------- async rewards, prompts, TensorBoard
+def test_async_reward_computation_gives_the_synchronous_numbers(tmp_path, one_thread, monkeypatch):
+    import concurrent.futures
+
+    submitted = []
+    real_submit = concurrent.futures.ThreadPoolExecutor.submit
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit",
+                        lambda self, *a, **k: submitted.append(1) or real_submit(self, *a, **k))
+
+    def numbers(records):
+        return [{k: v for k, v in r.items() if not k.startswith("time/") and not k.endswith("_per_s")} for r in records]
+
+    _, sync = _train(tmp_path, "train.max_steps=1", name="sync")
+    _, asyn = _train(tmp_path, "train.max_steps=1", "algo.async_reward_computation=true", "algo.max_workers=2",
+                     name="async")
+    assert len(submitted) == 2  # one per sampling batch (smoke: 2 batches of 2 images)
+    assert numbers(asyn) == numbers(sync)
+
+
+def prompts_with_metadata():
+    """A prompt_fn for the tests: (prompt, metadata) pairs."""
+    return [("cat", {"score": 1.0}), ("dog", {"score": 3.0})]
+
+
+def reward_from_metadata(images, prompts, score, **columns):
+    """A reward that returns the prompt's metadata `score`: the metadata reached the reward."""
+    return list(score)
+
+
+def _prompt_job(tmp_path, **algo):
+    from omegaconf import OmegaConf
+
+    base = {"prompts": [], "prompt_fn": None}
+    return OmegaConf.create({"algo": {**base, **algo}, "train": {"seed": 0},
+                             "dataset": {"path": str(tmp_path / "none.jsonl"), "skip_invalid": False, "max_rows": None}})
+
+
+def test_prompt_sources_list_text_file_and_function(tmp_path):
+    from alignctl.algos.ddpo import DDPOAlgorithm, _collate
+
+    algo = DDPOAlgorithm.__new__(DDPOAlgorithm)
+    data = algo.prepare_data(_prompt_job(tmp_path, prompts=["a red cat", "a dog"]))
+    assert [e["prompt"] for e in data.train] == ["a red cat", "a dog"]
+
+    text = tmp_path / "prompts.txt"
+    text.write_text("a cat\n\n  a horse  \n\n", encoding="utf-8")
+    job = _prompt_job(tmp_path)
+    job.dataset.path = str(text)
+    assert [e["prompt"] for e in algo.prepare_data(job).train] == ["a cat", "a horse"]
+
+    data = algo.prepare_data(_prompt_job(tmp_path, prompt_fn="test_ddpo:prompts_with_metadata"))
+    batch = _collate(data.train)
+    assert batch["prompts"] == ["cat", "dog"] and batch["columns"] == {"score": [1.0, 3.0]}
+
+
+def bad_prompt_fn_raises():
+    raise RuntimeError("no prompts today")
+
+
+def bad_prompt_fn_shape():
+    return [("cat", "not a dict")]
+
+
+def test_prompt_fn_errors_name_the_setting(tmp_path):
+    from alignctl.algos.ddpo import DDPOAlgorithm, check_ddpo_config
+    from alignctl.errors import ConfigError
+
+    algo = DDPOAlgorithm.__new__(DDPOAlgorithm)
+    for dotted in ("no_such_module_xyz:f", "test_ddpo:missing", "test_ddpo:bad_prompt_fn_raises",
+                   "test_ddpo:bad_prompt_fn_shape"):
+        with pytest.raises(ConfigError, match="algo.prompt_fn"):
+            algo.prepare_data(_prompt_job(tmp_path, prompt_fn=dotted))
+    from alignctl.algo_configs import DDPOConfig
+    from omegaconf import OmegaConf
+
+    both = OmegaConf.structured(DDPOConfig(prompts=["cat"], prompt_fn="test_ddpo:prompts_with_metadata"))
+    with pytest.raises(ConfigError, match="set one of them"):
+        check_ddpo_config(both)
+
+
+def test_cli_prompt_fn_metadata_reaches_the_reward(tmp_path, one_thread):
+    _, records = _train(tmp_path, "train.max_steps=1", "algo.prompt_fn=test_ddpo:prompts_with_metadata",
+                        "reward.functions=[test_ddpo:reward_from_metadata]", "reward.weights=null")
+    # 4 images from the prompts cat (score 1) and dog (score 3)
+    assert min(abs(records[0]["reward_mean"] - m) for m in (1.0, 1.5, 2.0, 2.5, 3.0)) < 1e-6
+    _, records = _train(tmp_path, "train.max_steps=1", "algo.prompts=[a cat,a dog]", name="list")
+    assert np.isfinite(records[0]["reward_mean"])
+
+
+def test_tensorboard_gets_the_sample_grid(tmp_path, one_thread):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from alignctl.tracking import RunTracker
+
+    RunTracker(tmp_path, 1, enabled=False, progress=False, tensorboard=True).log_image(
+        "x", np.zeros((2, 2, 3), np.uint8), 1)  # off on other processes: no writer, no error
+    out, _ = _train(tmp_path, "train.max_steps=1", "run.tensorboard=true")
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "samples" in events.Tags()["images"]
+    image = events.Images("samples")[0]
+    assert image.step == 1 and image.width > 0

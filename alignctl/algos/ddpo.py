@@ -12,7 +12,9 @@ train_timestep_fraction)`` of them trained, one optimizer step per
 
 from __future__ import annotations
 
+import importlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -39,7 +41,7 @@ def check_ddpo_config(cfg) -> None:
 
     for name in ("sample_num_steps", "sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size",
                  "train_gradient_accumulation_steps", "train_num_inner_epochs", "lora_rank",
-                 "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count"):
+                 "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count", "max_workers"):
         if getattr(cfg, name) < 1:
             raise bad(name, "must be >= 1")
     if not cfg.sample_eta > 0:
@@ -60,6 +62,57 @@ def check_ddpo_config(cfg) -> None:
     if images % cfg.train_batch_size:
         raise ConfigError(f"algo.sample_batch_size x algo.sample_num_batches_per_epoch = {images} images must be a "
                           f"multiple of algo.train_batch_size = {cfg.train_batch_size}")
+    if cfg.prompts and cfg.prompt_fn:
+        raise ConfigError("algo.prompts and algo.prompt_fn are two prompt sources: set one of them")
+    for i, prompt in enumerate(cfg.prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError(f"algo.prompts[{i}]={prompt!r}: each prompt must be a non-empty string")
+    if cfg.prompt_fn:
+        _import_prompt_fn(cfg.prompt_fn)
+
+
+def _import_prompt_fn(dotted: str):
+    module_name, _, attr = dotted.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # ImportError, AttributeError, errors raised while importing the module
+        raise ConfigError(f"algo.prompt_fn={dotted!r} cannot be imported (module:function): "
+                          f"{type(exc).__name__}: {exc}") from None
+    if not callable(fn):
+        raise ConfigError(f"algo.prompt_fn={dotted!r} is not a function")
+    return fn
+
+
+def _call_prompt_fn(dotted: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """The (prompt, metadata) pairs of the user's prompt function; any failure is one ConfigError."""
+    fn = _import_prompt_fn(dotted)
+    try:
+        result = fn()
+    except Exception as exc:
+        raise ConfigError(f"algo.prompt_fn={dotted!r} failed: {type(exc).__name__}: {exc}") from None
+    shape = "must return a non-empty list of prompt strings or of (prompt, metadata dict) pairs"
+    if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
+        raise ConfigError(f"algo.prompt_fn={dotted!r} returned {type(result).__name__}: {shape}")
+    pairs = []
+    for i, item in enumerate(result):
+        if isinstance(item, str):
+            prompt, meta = item, {}
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], dict):
+            prompt, meta = item
+        else:
+            raise ConfigError(f"algo.prompt_fn={dotted!r}: item {i} is {item!r}: {shape}")
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError(f"algo.prompt_fn={dotted!r}: item {i} has prompt {prompt!r}: prompts must be non-empty strings")
+        if "prompt" in meta:
+            raise ConfigError(f"algo.prompt_fn={dotted!r}: item {i}'s metadata has a `prompt` key: drop it")
+        pairs.append((prompt, dict(meta)))
+    if not pairs:
+        raise ConfigError(f"algo.prompt_fn={dotted!r} returned no prompts: {shape}")
+    return pairs
+
+
+def _is_text_file(path: Optional[str]) -> bool:
+    return isinstance(path, str) and path.lower().endswith(".txt")
 
 
 def validate_job(job: DictConfig) -> None:
@@ -76,6 +129,9 @@ def validate_job(job: DictConfig) -> None:
     for key in job.generation:
         if job.generation[key] != getattr(gen_defaults, key):
             raise ConfigError(f"generation.{key} is not used by algo=ddpo (sampling is algo.sample_*): drop it")
+    if (job.algo.prompts or job.algo.prompt_fn) and _is_text_file(job.dataset.get("path")):
+        which = "algo.prompts" if job.algo.prompts else "algo.prompt_fn"
+        raise ConfigError(f"{which} replaces the dataset: drop dataset.path={job.dataset.path} (or {which})")
     if job.dataset.eval_split or job.dataset.eval_fraction:
         raise ConfigError("algo=ddpo does not evaluate on held-out prompts; set dataset.eval_fraction=0 and dataset.eval_split=null")
     if job.reward.model:
@@ -90,7 +146,7 @@ def validate_job(job: DictConfig) -> None:
 
 
 def _collate(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    keys = [k for k in rows[0]["columns"]]
+    keys = list(dict.fromkeys(k for r in rows for k in r["columns"]))  # every row's metadata keys (None where absent)
     return {
         "prompts": [r["prompt"] for r in rows],
         "columns": {k: [r["columns"].get(k) for r in rows] for k in keys},
@@ -115,8 +171,32 @@ class DDPOAlgorithm:
         return job.algo.train_gradient_accumulation_steps * self.trained_steps
 
     def prepare_data(self, job: DictConfig) -> OnlineData:
+        """The prompts: algo.prompts, else algo.prompt_fn, else a .txt file (one prompt per non-empty
+        line), else the dataset's rows (`prompt` column; the other columns are metadata)."""
         from alignctl.data.load import load_rows
         from alignctl.errors import DataError
+
+        algo = job.algo
+        if algo.get("prompts") or algo.get("prompt_fn"):
+            if algo.get("prompts"):
+                pairs, source = [(str(p), {}) for p in algo.prompts], "algo.prompts"
+            else:
+                pairs, source = _call_prompt_fn(algo.prompt_fn), f"algo.prompt_fn={algo.prompt_fn}"
+            return self._online_data(pairs, source)
+        if _is_text_file(job.dataset.path):
+            from pathlib import Path
+
+            path = Path(job.dataset.path).expanduser()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise DataError(f"dataset.path={job.dataset.path}: cannot read the prompt file: {exc}") from None
+            pairs = [(line.strip(), {}) for line in text.splitlines() if line.strip()]
+            if job.dataset.get("max_rows") is not None:
+                pairs = pairs[: job.dataset.max_rows]
+            if not pairs:
+                raise DataError(f"dataset.path={job.dataset.path}: no prompts (one prompt per non-empty line)")
+            return self._online_data(pairs, str(path))
 
         raw = load_rows(job.dataset, seed=job.train.seed)
         examples = []
@@ -130,6 +210,12 @@ class DDPOAlgorithm:
             examples.append({"prompt": prompt, "columns": {k: v for k, v in data.items() if k != "prompt"}, "index": i})
         return OnlineData(train=examples, collate=_collate,
                           notes=[("data", f"{raw.source} ({len(examples)} prompts)")], processors=[])
+
+    @staticmethod
+    def _online_data(pairs: List[Tuple[str, Dict[str, Any]]], source: str) -> OnlineData:
+        examples = [{"prompt": p, "columns": meta, "index": i} for i, (p, meta) in enumerate(pairs)]
+        return OnlineData(train=examples, collate=_collate,
+                          notes=[("data", f"{source} ({len(examples)} prompts)")], processors=[])
 
     def build_model(self, job: DictConfig) -> torch.nn.Module:
         from alignctl.models.diffusion import LORA_TARGETS, DiffusionPolicy, load_pipeline
@@ -169,25 +255,41 @@ class DDPOAlgorithm:
         prompts, columns = batch["prompts"], batch["columns"]
         n = len(prompts)
 
+        # async_reward_computation: each batch is scored in a worker thread as soon as it is decoded,
+        # while the next batch samples; the results are gathered in order below.
+        executor = ThreadPoolExecutor(cfg.max_workers) if cfg.get("async_reward_computation") else None
+        futures = []
         start = time.perf_counter()
         trajs, embeds, images = [], [], []
-        negative = policy.encode_prompts([cfg.negative_prompts])
-        for first in range(0, n, cfg.sample_batch_size):
-            chunk = prompts[first : first + cfg.sample_batch_size]
-            with accelerator.autocast():
-                prompt_embeds = policy.encode_prompts(chunk)
-                neg = negative.expand(len(chunk), -1, -1)
-                traj = sample_with_logprob(policy, prompt_embeds, neg, cfg.sample_num_steps, cfg.sample_eta,
-                                           cfg.sample_guidance_scale, self.latent_size)
-                images.append(policy.decode(traj.final_latents))
-            trajs.append(traj)
-            embeds.append(prompt_embeds)
-        sample_s = time.perf_counter() - start
+        try:
+            negative = policy.encode_prompts([cfg.negative_prompts])
+            for first in range(0, n, cfg.sample_batch_size):
+                chunk = prompts[first : first + cfg.sample_batch_size]
+                with accelerator.autocast():
+                    prompt_embeds = policy.encode_prompts(chunk)
+                    neg = negative.expand(len(chunk), -1, -1)
+                    traj = sample_with_logprob(policy, prompt_embeds, neg, cfg.sample_num_steps, cfg.sample_eta,
+                                               cfg.sample_guidance_scale, self.latent_size)
+                    images.append(policy.decode(traj.final_latents).detach().cpu())
+                trajs.append(traj)
+                embeds.append(prompt_embeds)
+                if executor is not None:
+                    part = {k: v[first : first + cfg.sample_batch_size] for k, v in columns.items()}
+                    futures.append(executor.submit(self.rewards, images[-1], chunk, part))
+            sample_s = time.perf_counter() - start
 
-        start = time.perf_counter()
-        images_t = torch.cat(images).cpu()
-        rewards, per_source = self.rewards(images_t, prompts, columns)
-        reward_s = time.perf_counter() - start
+            start = time.perf_counter()
+            images_t = torch.cat(images)
+            if executor is not None:
+                results = [f.result() for f in futures]
+                rewards = torch.cat([r for r, _ in results])
+                per_source = {name: torch.cat([s[name] for _, s in results]) for name in results[0][1]}
+            else:
+                rewards, per_source = self.rewards(images_t, prompts, columns)
+            reward_s = time.perf_counter() - start
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
 
         # advantages over every process's images
         all_rewards = accelerator.gather(rewards.to(device)).cpu().numpy()
@@ -301,6 +403,9 @@ class DDPOAlgorithm:
             draw.text((i * size + 2, size + 1), f"{prompt[:10]}", fill="black")
             draw.text((i * size + 2, size + 12), f"{reward:.2f}", fill="black")
         grid.save(folder / f"step-{step:07d}.png")
+        tracker = getattr(loop, "tracker", None)
+        if tracker is not None and hasattr(tracker, "log_image"):
+            tracker.log_image("samples", np.asarray(grid), step)
 
     # ------------------------------------------------------------------ saving and resume
     def unwrap_for_save(self, model: torch.nn.Module):
