@@ -94,16 +94,6 @@ def test_whiten_and_per_prompt_stat_tracker():
 QUIET = ["run.progress=false"]
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """2 shared cores: torch's default 2 threads spin-wait badly under load; one is steady."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train(tmp_path, *extra, name="run"):
     from alignctl.cli import main
     from alignctl.tracking import read_metrics

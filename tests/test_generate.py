@@ -23,15 +23,6 @@ from alignctl.rollout.generate import (
 PROMPTS = ["Hello there", "What is the capital of France?", "Hi"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP stalls when the CPUs are busy (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok(tiny_tokenizer):
     return tiny_tokenizer

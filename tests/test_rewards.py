@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import textwrap
 
-import numpy as np
 import pytest
 import torch
 
@@ -74,15 +72,6 @@ NOT_CALLABLE = 42
 '''
 
 BATCH = dict(prompts=["Q1:", "Q2:"], completions=[" yes", " no"], completion_ids=[[5, 6], [7]])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP stalls when the CPUs are busy (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)

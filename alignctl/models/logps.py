@@ -255,8 +255,10 @@ def _chunk_logps(
     head: nn.Module,
     post: Callable[[torch.Tensor], torch.Tensor] | None,
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``hidden`` [n, H], ``targets`` [n] -> (label log-probs [n], vocab-mean of logits [n])."""
+    with_entropy: bool = False,
+):
+    """``hidden`` [n, H], ``targets`` [n] -> (label log-probs [n], vocab-mean of logits [n]), plus the
+    detached entropy [n] of the tempered distribution when ``with_entropy`` (online RL metrics)."""
     logits = head(hidden)
     if post is not None:
         logits = post(logits)
@@ -264,8 +266,12 @@ def _chunk_logps(
     vocab_mean = logits.detach().mean(-1)
     if temperature != 1.0:
         logits = logits / temperature
-    logps = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logps, vocab_mean
+    all_logps = logits.log_softmax(-1)
+    logps = all_logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logps, vocab_mean
+    detached = all_logps.detach()
+    return logps, vocab_mean, -(detached.exp() * detached).sum(-1)
 
 
 def sequence_logps(

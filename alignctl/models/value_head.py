@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from alignctl.models.logps import _decoder_and_head, _logits_postprocess, _upcast, unwrap_causal_lm
+from alignctl.models.logps import _chunk_logps, _decoder_and_head, _logits_postprocess, _upcast, unwrap_causal_lm
 from alignctl.rollout.batch import Rollout
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -39,19 +39,6 @@ def response_hidden(decoder: nn.Module, rollout: Rollout) -> torch.Tensor:
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     prompt_width, response_width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     return hidden[:, prompt_width - 1 : prompt_width + response_width - 1]
-
-
-def _head_chunk(hidden, targets, head, post, temperature: float, with_entropy: bool):
-    logits = head(hidden)
-    if post is not None:
-        logits = post(logits)
-    logits = _upcast(logits) / temperature
-    logps_all = logits.log_softmax(-1)
-    logps = logps_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return logps, None
-    entropy = -(logps_all.detach().exp() * logps_all.detach()).sum(-1)
-    return logps, entropy
 
 
 def token_logps(
@@ -75,11 +62,12 @@ def token_logps(
     for start in range(0, max(selected.shape[0], 1), chunk_size):
         args = (selected[start : start + chunk_size], targets[start : start + chunk_size], head, post, temperature, with_entropy)
         if torch.is_grad_enabled():  # backward recomputes one chunk's logits at a time
-            lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False)
+            out = checkpoint(_chunk_logps, *args, use_reentrant=False)
         else:
-            lp, ent = _head_chunk(*args)
-        logps_parts.append(lp)
-        entropy_parts.append(ent)
+            out = _chunk_logps(*args)
+        logps_parts.append(out[0])
+        if with_entropy:
+            entropy_parts.append(out[2])
     logps = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put((rows, cols), torch.cat(logps_parts))
     entropy = None
     if with_entropy:
@@ -198,23 +186,32 @@ def full_kl_per_token(policy_lm: nn.Module, reference, rollout: Rollout, *, temp
     (``kl_penalty=full``), computed chunk by chunk from both models' hidden states."""
     from alignctl.rl.kl import full_kl
 
+    ref_model = reference.model
+
+    def adapter_off():
+        return ref_model.disable_adapter() if reference.mode == "adapter" else nullcontext()
+
     def hidden_of(model):
         causal_lm = unwrap_causal_lm(model)
         return causal_lm, response_hidden(_decoder_and_head(causal_lm)[0], rollout)
 
-    policy_lm_unwrapped, policy_hidden = hidden_of(policy_lm)
-    ref_model = reference.model
-    with (ref_model.disable_adapter() if reference.mode == "adapter" else nullcontext()):
-        ref_lm, ref_hidden = hidden_of(ref_model)
-        mask = rollout.response_mask.bool()
-        rows, cols = mask.nonzero(as_tuple=True)
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=policy_hidden.device)
-        parts = []
-        for start in range(0, rows.numel(), chunk_size):
-            r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
-            logits = _upcast(_decoder_and_head(policy_lm_unwrapped)[1](policy_hidden[r, c]))
-            ref_logits = _upcast(_decoder_and_head(ref_lm)[1](ref_hidden[r, c]))
-            parts.append(full_kl(logits, ref_logits, temperature=temperature))
+    def logits_of(causal_lm, hidden):
+        post = _logits_postprocess(causal_lm)
+        logits = _decoder_and_head(causal_lm)[1](hidden)
+        return _upcast(post(logits) if post is not None else logits)
+
+    policy_causal_lm, policy_hidden = hidden_of(policy_lm)
+    with adapter_off():
+        ref_causal_lm, ref_hidden = hidden_of(ref_model)
+    rows, cols = rollout.response_mask.bool().nonzero(as_tuple=True)
+    out = torch.zeros(rollout.response_mask.shape, dtype=torch.float32, device=policy_hidden.device)
+    parts = []
+    for start in range(0, rows.numel(), chunk_size):
+        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
+        logits = logits_of(policy_causal_lm, policy_hidden[r, c])
+        with adapter_off():  # the head too runs as the reference (an adapter may sit on it)
+            ref_logits = logits_of(ref_causal_lm, ref_hidden[r, c])
+        parts.append(full_kl(logits, ref_logits, temperature=temperature))
     if parts:
         out = out.index_put((rows, cols), torch.cat(parts))
     return out
