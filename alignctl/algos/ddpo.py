@@ -116,15 +116,12 @@ def _is_text_file(path: Optional[str]) -> bool:
 
 
 def validate_job(job: DictConfig) -> None:
-    from alignctl.config import GenerationConfig, TrainConfig
+    from alignctl.algos.online_base import refuse_unused_train_fields
+    from alignctl.config import GenerationConfig
     from alignctl.rl.image_rewards import ImageRewards
 
     check_ddpo_config(job.algo)
-    defaults = TrainConfig()
-    for name, instead in UNUSED_TRAIN_FIELDS.items():
-        if job.train[name] != getattr(defaults, name):
-            hint = f"; use {instead}" if instead else ""
-            raise ConfigError(f"train.{name} is not used by algo=ddpo{hint}")
+    refuse_unused_train_fields(job, UNUSED_TRAIN_FIELDS)
     gen_defaults = GenerationConfig()
     for key in job.generation:
         if job.generation[key] != getattr(gen_defaults, key):

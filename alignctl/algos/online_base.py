@@ -29,15 +29,10 @@ UNUSED_TRAIN_FIELDS = {
 def check_online_job(job: DictConfig) -> None:
     """Settings an online run does not read must not be changed silently; sampling and reward
     settings are checked before anything is written."""
-    from alignctl.config import TrainConfig
     from alignctl.rl.rewards import RewardSources, _model_folder
     from alignctl.rollout.generate import GenerationSettings
 
-    defaults = TrainConfig()
-    for name, instead in UNUSED_TRAIN_FIELDS.items():
-        if job.train[name] != getattr(defaults, name):
-            hint = f"; use {instead}" if instead else ""
-            raise ConfigError(f"train.{name} is not used by algo={job.algo.name}{hint}")
+    refuse_unused_train_fields(job, UNUSED_TRAIN_FIELDS)
     if job.dataset.eval_split or job.dataset.eval_fraction:
         raise ConfigError(
             f"algo={job.algo.name} does not evaluate on held-out prompts yet; set dataset.eval_fraction=0 "
@@ -50,6 +45,18 @@ def check_online_job(job: DictConfig) -> None:
         _model_folder(job.reward.model)
     # imports the reward functions and checks the weights (a reward model stands in as one source)
     RewardSources(list(job.reward.functions), _PLACEHOLDER if job.reward.model else None, job.reward.weights)
+
+
+def refuse_unused_train_fields(job: DictConfig, unused: Dict[str, Optional[str]]) -> None:
+    """A changed ``train.<name>`` that the online algorithm does not read is refused, naming the
+    setting to use instead (``unused``: name -> replacement or None)."""
+    from alignctl.config import TrainConfig
+
+    defaults = TrainConfig()
+    for name, instead in unused.items():
+        if job.train[name] != getattr(defaults, name):
+            hint = f"; use {instead}" if instead else ""
+            raise ConfigError(f"train.{name} is not used by algo={job.algo.name}{hint}")
 
 
 _PLACEHOLDER = object()  # counts the reward model among the sources without loading it
