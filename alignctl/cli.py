@@ -4,6 +4,8 @@
     alignctl launch-cmd [OVERRIDE ...]           print the accelerate launch command(s), run nothing
     alignctl list                                algorithms, presets of every group, recipes
 
+Each sub-command is one entry of ``COMMANDS``: a function taking the remaining argv and returning
+the exit code, imported only when its command runs (so ``alignctl list`` never imports torch).
 Problems with the user's input end in one red line naming the fix (exit code 2), not a traceback.
 """
 
@@ -38,14 +40,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from alignctl.tracking import console
 
     try:
-        if command == "train":
-            return _train(rest)
-        if command == "launch-cmd":
-            return _train(rest, dry_run=True)
-        if command == "list":
-            return _list()
-        console.print(f"[red]error:[/] unknown command {command!r}; use 'train', 'launch-cmd' or 'list'")
-        return 2
+        if command not in COMMANDS:
+            import difflib
+
+            close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            console.print(f"[red]error:[/] unknown command {command!r}{hint}; use one of: {', '.join(COMMANDS)}")
+            return 2
+        return _load_command(COMMANDS[command])(rest)
     except AlignctlError as exc:
         console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
         from alignctl.launch import report_error
@@ -56,6 +58,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
+
+
+# command name -> "module:function"; the function takes the argv after the command name.
+COMMANDS = {
+    "train": "alignctl.cli:_train",
+    "launch-cmd": "alignctl.cli:_launch_cmd",
+    "list": "alignctl.cli:_list",
+}
+
+
+def _load_command(target: str):
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _launch_cmd(args: List[str]) -> int:
+    return _train(args, dry_run=True)
 
 
 def _quiet_libraries() -> None:
@@ -134,7 +155,7 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _list() -> int:
+def _list(args: List[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
