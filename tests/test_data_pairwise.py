@@ -16,6 +16,7 @@ from alignctl.data.pairwise import (
     build_pair_examples,
     collate_pairs,
     extract_shared_prompt,
+    truncate_joined,
     truncate_pair,
 )
 from alignctl.errors import ConfigError, DataError
@@ -253,6 +254,44 @@ def test_truncation_settings_are_checked(tok):
         build_pair_examples(record, tok, max_length=8, max_prompt_length=8, truncation_mode="keep_end")
     with pytest.raises(ConfigError, match="truncation_mode"):
         build_pair_examples(record, tok, max_length=8, max_prompt_length=4, truncation_mode="left")
+
+
+def test_joined_truncation_keeps_the_start_of_prompt_plus_answer():
+    ex = truncate_joined(_pair(10, 3, 5), 12)  # prompt never cut; each answer keeps 12 - 10 = 2
+    assert ex.prompt_ids == list(range(1, 11))
+    assert ex.chosen_ids == [100, 101] and ex.rejected_ids == [200, 201]
+    ex = truncate_joined(_pair(3, 2, 6), 8)  # answers: 8 - 3 = 5 (not max_length - max_prompt_length)
+    assert ex.chosen_ids == [100, 101] and ex.rejected_ids == [200, 201, 202, 203, 204]
+    with pytest.raises(DataError, match="row 7: the prompt alone has 10 tokens"):
+        truncate_joined(_pair(10, 3, 5), 10)
+
+
+def test_truncation_joined_and_answers_through_build(tok):
+    prompt = "What color is a lemon? What color is a plum? What color is coal?"
+    chosen, rejected = " It is yellow.", " I don't know."
+    p, c, r = ids(tok, prompt), ids(tok, chosen) + [tok.eos_token_id], ids(tok, rejected) + [tok.eos_token_id]
+    record = rows({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    limits = dict(max_length=len(p) + 3, max_prompt_length=6, truncation_mode="keep_end")
+    (ex,) = build_pair_examples(record, tok, truncation="joined", **limits).examples
+    assert (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids) == (p, c[:3], r[:3])
+    (ex,) = build_pair_examples(record, tok, truncation="answers", **limits).examples
+    keep = len(p) + 3 - 6
+    assert (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids) == (p[-6:], c[:keep], r[:keep])
+    with pytest.raises(ConfigError, match="algo.truncation='middle'"):
+        build_pair_examples(record, tok, truncation="middle", **limits)
+    # a prompt that fills max_length: an error naming the row, or skipped when asked
+    short = dict(max_length=len(p), max_prompt_length=6, truncation_mode="keep_end")
+    with pytest.raises(DataError, match="row 0"):
+        build_pair_examples(record + rows({"prompt": "Q?", "chosen": " a", "rejected": " b"}), tok, truncation="joined", **short)
+
+
+def test_add_bos_to_prompt_both_ways(bos_tok):
+    record = rows({"prompt": "Capital of Peru?", "chosen": " It is Lima.", "rejected": " I don't know."})
+    (with_bos,) = build_pair_examples(record, bos_tok, **BIG).examples
+    (without,) = build_pair_examples(record, bos_tok, add_bos_to_prompt=False, **BIG).examples
+    assert with_bos.prompt_ids == [bos_tok.bos_token_id] + ids(bos_tok, "Capital of Peru?")
+    assert without.prompt_ids == ids(bos_tok, "Capital of Peru?")  # TRL 1.x: the prompt as tokenized
+    assert without.chosen_ids == with_bos.chosen_ids and without.rejected_ids == with_bos.rejected_ids
 
 
 # --------------------------------------------------------------------------- margin

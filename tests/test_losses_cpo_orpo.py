@@ -28,10 +28,15 @@ def close(tensor, values, tol=1e-12):
         assert got == pytest.approx(want, abs=tol)
 
 
-def cpo_expected(loss_type, beta, eps=0.0, gamma=0.5):
+def alphapo(logp, alpha):
+    """AlphaPO reward (1 - p^-alpha) / alpha of p = exp(logp), by hand."""
+    return (1 - math.exp(logp) ** -alpha) / alpha
+
+
+def cpo_expected(loss_type, beta, eps=0.0, gamma=0.5, alpha=0.0):
     out = []
     for c, r in zip(C, R):
-        z = c - r
+        z = c - r if alpha == 0 else alphapo(c, alpha) - alphapo(r, alpha)
         if loss_type == "simpo":
             u = beta * z - gamma  # beta * (z - gamma / beta)
             out.append(-(1 - eps) * logsig(u) - eps * logsig(-u))
@@ -86,6 +91,23 @@ def test_cpo_alpha_weights_nll(alpha):
     out = cpo_loss(t(C), t(R), t(NLL), beta=0.1, cpo_alpha=alpha)
     assert out.nll_loss.item() == pytest.approx(NLL)
     assert out.loss.item() == pytest.approx(sum(cpo_expected("sigmoid", 0.1)) / 3 + alpha * NLL, abs=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.25, -0.5])
+@pytest.mark.parametrize("loss_type", CPO_LOSS_TYPES)
+def test_alphapo_reshapes_the_rewards_of_every_loss_type(loss_type, alpha):
+    beta = 2.0
+    out = cpo_loss(t(C), t(R), t(NLL), beta=beta, loss_type=loss_type, cpo_alpha=0.0, alpha=alpha)
+    close(out.losses, cpo_expected(loss_type, beta, alpha=alpha))
+    close(out.chosen_rewards, [beta * alphapo(c, alpha) for c in C])
+    close(out.rejected_rewards, [beta * alphapo(r, alpha) for r in R])
+
+
+def test_alphapo_alpha_zero_is_the_base_loss_and_small_alpha_tends_to_it():
+    base = cpo_loss(t(C), t(R), t(NLL), beta=0.1, loss_type="simpo")
+    assert torch.equal(cpo_loss(t(C), t(R), t(NLL), beta=0.1, loss_type="simpo", alpha=0.0).losses, base.losses)
+    near = cpo_loss(t(C), t(R), t(NLL), beta=0.1, loss_type="simpo", alpha=1e-7)
+    close(near.losses, base.losses.tolist(), tol=1e-6)  # (1 - p^-a)/a -> log p as a -> 0
 
 
 def test_cpo_gradient_reaches_nll_and_logps():

@@ -5,13 +5,26 @@ import math
 import pytest
 import torch
 
-from alignctl.losses.dpo import DPO_LOSS_TYPES, RunningMoments, dpo_loss
+from alignctl.losses.dpo import DPO_LOSS_TYPES, RunningMoments, combined_dpo_loss, dpo_loss, wpo_weights
 
 # Per-sequence summed log-probs, B = 3 (policy chosen/rejected, reference chosen/rejected).
 C = [-10.0, -12.5, -8.0]
 R = [-11.0, -9.0, -15.0]
 RC = [-10.5, -12.0, -9.0]
 RR = [-10.0, -10.0, -13.0]
+# Answer lengths (sigmoid_norm, ipo with lengths) and the chosen NLL (sft).
+NC = [5, 8, 4]
+NR = [6, 3, 10]
+NLL = 2.5
+
+
+def extras(loss_type):
+    """What the length-normalised and sft loss types need beside the log-probs."""
+    if loss_type == "sigmoid_norm":
+        return {"lengths": (torch.tensor(NC), torch.tensor(NR))}
+    if loss_type == "sft":
+        return {"chosen_nll": torch.tensor(NLL, dtype=torch.float64)}
+    return {}
 
 
 def t(xs, dtype=torch.float64, grad=False):
@@ -88,11 +101,15 @@ def expected(loss_type, beta, eps=0.0, ref_free=False, tau=0.05):
         rewards = [beta * v for v in cr + rr_]
         delta = sum(rewards) / len(rewards)
         return [-logsig(beta * a - delta) - logsig(-(beta * b - delta)) for a, b in zip(cr, rr_)]
+    if loss_type == "sigmoid_norm":
+        return [-logsig(beta * (a / nc - b / nr)) for a, b, nc, nr in zip(cr, rr_, NC, NR)]
+    if loss_type == "sft":
+        return [NLL] * len(C)
     raise AssertionError(loss_type)
 
 
 def run(loss_type, **kw):
-    return dpo_loss(t(C), t(R), t(RC), t(RR), loss_type=loss_type, **kw)
+    return dpo_loss(t(C), t(R), t(RC), t(RR), loss_type=loss_type, **{**extras(loss_type), **kw})
 
 
 def close(tensor, values, tol=1e-9):
@@ -104,7 +121,7 @@ def close(tensor, values, tol=1e-9):
 def test_loss_type_names():
     assert set(DPO_LOSS_TYPES) == {
         "sigmoid", "hinge", "ipo", "robust", "kto_pair", "bco_pair", "sppo_hard", "nca_pair",
-        "aot", "aot_pair", "exo_pair", "apo_zero", "apo_down", "discopop",
+        "aot", "aot_pair", "exo_pair", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
     }  # fmt: skip
 
 
@@ -246,7 +263,10 @@ def test_running_moments_matches_pooled_statistics():
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_gradients_flow_and_rewards_are_detached(loss_type):
     c, r = t(C, grad=True), t(R, grad=True)
-    out = dpo_loss(c, r, t(RC), t(RR), beta=0.5, loss_type=loss_type)
+    kw = extras(loss_type)
+    if loss_type == "sft":  # its gradient flows through the NLL, not the sequence log-probs
+        c = kw["chosen_nll"] = torch.tensor(NLL, dtype=torch.float64, requires_grad=True)
+    out = dpo_loss(t(C, grad=True) if loss_type == "sft" else c, r, t(RC), t(RR), beta=0.5, loss_type=loss_type, **kw)
     assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
     assert not out.reward_mean.requires_grad
     out.losses.sum().backward()
@@ -274,3 +294,114 @@ def test_unknown_loss_type_lists_valid_names():
     assert "dpo_typo" in msg
     for name in DPO_LOSS_TYPES:
         assert name in msg
+
+
+# ------------------------------------------------------------------ options of TRL 1.16.0
+
+
+def f_scores(ratio, kind, a=0.5):
+    """f'(t) of t = exp(ratio), by hand."""
+    u = math.exp(ratio)
+    return {
+        "reverse_kl": ratio,
+        "forward_kl": 1 - 1 / u,
+        "js_divergence": math.log(2 * u / (1 + u)),
+        "alpha_divergence": (u ** (a - 1) - 1) / (a - 1),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "discopop"])
+def test_f_divergence_scores_replace_the_log_ratios(kind, loss_type):
+    beta, tau = 0.5, 0.05
+    out = run(loss_type, beta=beta, f_divergence_type=kind, f_alpha_divergence_coef=0.3, discopop_tau=tau)
+    deltas = [f_scores(a, kind, 0.3) - f_scores(b, kind, 0.3) for a, b in zip(ratios(C, RC), ratios(R, RR))]
+    if loss_type == "sigmoid":
+        want = [-logsig(beta * d) for d in deltas]
+    elif loss_type == "hinge":
+        want = [max(0.0, 1 - beta * d) for d in deltas]
+    else:
+        want = [-logsig(beta * d) * (1 - sig(beta * d / tau)) + math.exp(-beta * d) * sig(beta * d / tau) for d in deltas]
+    close(out.losses, want)
+    close(out.chosen_rewards, [beta * v for v in ratios(C, RC)])  # rewards stay beta * log-ratio
+
+
+def test_alpha_divergence_at_one_and_reverse_kl_are_plain_dpo():
+    base = run("sigmoid", beta=0.1).losses
+    assert torch.equal(run("sigmoid", beta=0.1, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0).losses, base)
+    assert torch.equal(run("sigmoid", beta=0.1, f_divergence_type="reverse_kl").losses, base)
+
+
+def test_f_divergence_with_ipo_divides_the_scores_by_the_lengths():
+    lengths = (torch.tensor(NC), torch.tensor(NR))
+    out = run("ipo", beta=0.1, f_divergence_type="forward_kl", lengths=lengths)
+    cr, rr_ = ratios(C, RC), ratios(R, RR)
+    want = [(f_scores(a, "forward_kl") / nc - f_scores(b, "forward_kl") / nr - 5.0) ** 2
+            for a, b, nc, nr in zip(cr, rr_, NC, NR)]
+    close(out.losses, want)
+    # reverse_kl with lengths == ipo on per-token-average log-probs (the older call)
+    avg = [[v / n for v, n in zip(xs, ns)] for xs, ns in ((C, NC), (R, NR), (RC, NC), (RR, NR))]
+    old = dpo_loss(*(t(x) for x in avg), beta=0.1, loss_type="ipo")
+    close(run("ipo", beta=0.1, lengths=lengths).losses, old.losses.tolist())
+
+
+def test_f_divergence_refuses_loss_types_it_does_not_generalise():
+    with pytest.raises(ValueError, match="bco_pair"):
+        run("bco_pair", f_divergence_type="js_divergence")
+
+
+def test_combined_loss_sums_weighted_parts_exactly():
+    kw = dict(beta=0.1, lengths=(torch.tensor(NC), torch.tensor(NR)), chosen_nll=torch.tensor(NLL, dtype=torch.float64))
+    out = combined_dpo_loss(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], t(C), t(R), t(RC), t(RR), **kw)
+    parts = {k: dpo_loss(t(C), t(R), t(RC), t(RR), loss_type=k, **kw).losses.mean().item() for k in ("sigmoid", "bco_pair", "sft")}
+    assert {k: v.item() for k, v in out.parts.items()} == pytest.approx(parts, abs=1e-12)
+    assert out.loss.item() == pytest.approx(0.8 * parts["sigmoid"] + 0.2 * parts["bco_pair"] + NLL, abs=1e-12)
+    # one part with weight 1 is the plain loss
+    single = combined_dpo_loss(["sigmoid"], [1.0], t(C), t(R), t(RC), t(RR), beta=0.1)
+    assert single.loss.item() == pytest.approx(sum(expected("sigmoid", 0.1)) / 3, abs=1e-12)
+    # RPO = sigmoid + alpha * NLL; alpha = 0 is plain DPO
+    rpo = combined_dpo_loss(["sigmoid", "sft"], [1.0, 0.0], t(C), t(R), t(RC), t(RR), **kw)
+    assert rpo.loss.item() == pytest.approx(single.loss.item(), abs=1e-12)
+
+
+def test_wpo_weights_multiply_every_part():
+    ac, ar = [-0.5, -1.0, -0.2], [-0.3, -2.0, -0.1]  # per-token means of log p - log sum p^2
+    w = wpo_weights(t(ac), t(ar))
+    close(w, [math.exp(a) * math.exp(b) for a, b in zip(ac, ar)])  # no clamp at 1 (TRL 1.16.0)
+    out = combined_dpo_loss(["sigmoid", "hinge"], [1.0, 0.5], t(C), t(R), t(RC), t(RR), beta=0.1, pair_weights=w)
+    want = sum(l * wi for l, wi in zip(expected("sigmoid", 0.1), w.tolist())) / 3
+    want += 0.5 * sum(l * wi for l, wi in zip(expected("hinge", 0.1), w.tolist())) / 3
+    assert out.loss.item() == pytest.approx(want, abs=1e-12)
+    with pytest.raises(ValueError, match="aot"):
+        combined_dpo_loss(["aot"], [1.0], t(C), t(R), t(RC), t(RR), pair_weights=w)
+
+
+def token_out(lengths, values):
+    """A TokenLogps of sequences with ``lengths`` label tokens holding ``values`` in order."""
+    from alignctl.models.logps import TokenLogps
+
+    idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    logps = t(values)
+    return TokenLogps(
+        sum_logps=torch.zeros(len(lengths), dtype=torch.float64).index_add(0, idx, logps),
+        num_tokens=torch.tensor(lengths),
+        logits_sum=torch.zeros(len(lengths)),
+        token_logps=logps,
+        token_batch_idx=idx,
+        token_pos_idx=torch.cat([torch.arange(n) + 1 for n in lengths]),
+    )
+
+
+def test_ld_dpo_weights_the_longer_answers_tail():
+    from alignctl.algos.dpo_terms import ld_logps
+
+    # pairs: (chosen 3 tokens, rejected 1), (chosen 2, rejected 4); rows = chosen..., rejected...
+    vals = [-1.0, -2.0, -3.0, -0.5, -0.25, -4.0, -1.5, -2.5, -3.5, -4.5]
+    out = token_out([3, 2, 1, 4], vals)
+    a = 0.3
+    want = [-1.0 + a * (-2.0 - 3.0), -0.5 - 0.25, -4.0, -1.5 - 2.5 + a * (-3.5 - 4.5)]
+    close(ld_logps(out, a), want, tol=1e-12)
+    close(ld_logps(out, 1.0), out.sum_logps.tolist(), tol=1e-12)  # alpha = 1: plain sums
+    close(ld_logps(out, 0.0), [-1.0, -0.75, -4.0, -4.0], tol=1e-12)  # alpha = 0: shared part only
+    equal = token_out([2, 2], [-1.0, -2.0, -3.0, -4.0])  # equal lengths: nothing to weight
+    close(ld_logps(equal, 0.1), [-3.0, -7.0], tol=1e-12)

@@ -69,8 +69,8 @@ def test_gradient_matches_hand_derivative():
         assert g == pytest.approx(-1.0 / (1.0 + math.exp(a - b)) / len(RC), abs=1e-12)
 
 
-def test_accuracy_per_pair_ties_count_as_correct():
+def test_accuracy_per_pair_ties_count_as_wrong():
     acc = reward_accuracy(t(RC), t(RJ))
-    assert acc.tolist() == [1.0, 0.0, 1.0, 1.0]  # third pair is a tie: TRL's argmax picks "chosen"
-    assert acc.mean().item() == pytest.approx(0.75)
+    assert acc.tolist() == [1.0, 0.0, 0.0, 1.0]  # third pair is a tie: no preference, so wrong
+    assert acc.mean().item() == pytest.approx(0.5)
     assert reward_accuracy(t(RC).unsqueeze(1), t(RJ).unsqueeze(1)).shape == (4,)

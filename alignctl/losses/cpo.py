@@ -11,6 +11,11 @@ TRL feeds *average per-token* log-probs for ``ipo`` and ``simpo`` and summed log
 ``sigmoid``/``hinge``: the caller must pass averaged logps for ``simpo`` (and ``ipo``) to get SimPO.
 The total is ``losses.mean() + cpo_alpha * nll_chosen`` (``cpo_alpha=0`` with ``simpo`` is pure
 SimPO; TRL's default ``cpo_alpha`` is 1.0, i.e. CPO-SimPO).
+
+``alpha`` (AlphaPO, Gupta et al. 2025; TRL 1.16.0 ``trl.experimental.cpo``, added in 0.22): each
+answer's reward ``log p`` becomes ``(1 - p^-alpha) / alpha`` (``p = exp(logps)``, so averaged
+log-probs for simpo/ipo) for every loss type; the logged rewards are ``beta`` times it. ``alpha = 0``
+is the plain loss. (TRL's ``loss_type="alphapo"`` is ``simpo`` with ``cpo_alpha=0`` and an alpha.)
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def cpo_loss(
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
     cpo_alpha: float = 1.0,
+    alpha: float = 0.0,
 ) -> CPOLossOutput:
     """CPO/SimPO preference loss plus ``cpo_alpha`` times the chosen-response NLL (0-dim tensor).
 
@@ -53,7 +59,12 @@ def cpo_loss(
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"Unknown CPO loss_type {loss_type!r}; valid names: {', '.join(CPO_LOSS_TYPES)}")
 
-    logits = chosen_logps - rejected_logps
+    if alpha != 0.0:  # p^-alpha = exp(-alpha * log p)
+        chosen_scores = (1 - torch.exp(-alpha * chosen_logps)) / alpha
+        rejected_scores = (1 - torch.exp(-alpha * rejected_logps)) / alpha
+    else:
+        chosen_scores, rejected_scores = chosen_logps, rejected_logps
+    logits = chosen_scores - rejected_scores
     if loss_type in ("sigmoid", "simpo"):
         if loss_type == "simpo":
             logits = logits - simpo_gamma / beta  # beta * logits - gamma inside the sigmoid
@@ -66,4 +77,4 @@ def cpo_loss(
 
     nll_loss = torch.zeros((), dtype=losses.dtype, device=losses.device) if cpo_alpha == 0 else nll_chosen
     loss = losses.mean() + cpo_alpha * nll_loss
-    return CPOLossOutput(loss, losses, nll_loss, beta * chosen_logps.detach(), beta * rejected_logps.detach())
+    return CPOLossOutput(loss, losses, nll_loss, beta * chosen_scores.detach(), beta * rejected_scores.detach())

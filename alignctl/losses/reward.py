@@ -44,9 +44,9 @@ def reward_loss(
 
 
 def reward_accuracy(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> torch.Tensor:
-    """Per-pair accuracy ``[B]`` (float 0/1), as TRL's ``compute_accuracy``; ``.mean()`` for the batch.
+    """Per-pair accuracy ``[B]`` (float 0/1); ``.mean()`` for the batch.
 
-    TRL takes the argmax over ``[chosen, rejected]`` with label 0, so a tie counts as *correct*
-    (argmax picks index 0; TRL only warns). Hence ``r_chosen >= r_rejected``.
+    A tie is no preference, so it counts as wrong: ``r_chosen > r_rejected``, as TRL 1.16.0's
+    RewardTrainer (0.12/0.13's argmax over ``[chosen, rejected]`` counted a tie as correct).
     """
-    return (_per_pair(rewards_chosen) >= _per_pair(rewards_rejected)).float()
+    return (_per_pair(rewards_chosen) > _per_pair(rewards_rejected)).float()
