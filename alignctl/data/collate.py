@@ -50,6 +50,40 @@ def collate_packed(examples: Sequence, pad_token_id: int) -> Dict[str, torch.Ten
     return batch
 
 
+def unpad_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A right-padded batch -> its padding-free form: every row's real tokens end to end in one row.
+
+    ``input_ids``/``labels`` become ``[1, N]`` (N real tokens, no padding), ``position_ids`` restart
+    at 0 for each sequence, ``cu_seq_lens`` ``[rows + 1]`` holds the boundaries and the attention
+    mask goes (attention is confined to each sequence by the kernel, alignctl.models.varlen). The
+    other columns (row_index, seq_lengths, margin, ref_logps, ...) keep their per-row meaning.
+    """
+    lengths = batch["seq_lengths"]
+    keep = batch["attention_mask"].bool()
+    if not torch.equal(keep.sum(-1), lengths):
+        raise ValueError("unpad_batch needs a right-padded batch whose attention_mask matches seq_lengths")
+    out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+    out["input_ids"] = batch["input_ids"][keep].unsqueeze(0)
+    out["labels"] = batch["labels"][keep].unsqueeze(0)
+    out["position_ids"] = torch.cat([torch.arange(int(n)) for n in lengths]).unsqueeze(0)
+    out["cu_seq_lens"] = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return out
+
+
+def flatten_packed(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A packed batch (collate_packed) -> one row ``[1, B*T]`` with ``cu_seq_lens`` at every
+    restart of the position ids, so the attention kernel confines itself to each example without a
+    block-diagonal mask (a row's end padding is a short segment of its own, with no labels)."""
+    out = dict(batch)
+    positions = batch["position_ids"].reshape(1, -1)
+    out["input_ids"] = batch["input_ids"].reshape(1, -1)
+    out["labels"] = batch["labels"].reshape(1, -1)
+    out["position_ids"] = positions
+    starts = (positions[0] == 0).nonzero().squeeze(-1)
+    out["cu_seq_lens"] = torch.cat([starts, torch.tensor([positions.shape[1]])]).to(torch.int32)
+    return out
+
+
 def count_label_tokens(batch: Dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss (labels shifted: the first position never does)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from alignctl.errors import ModelLoadError
+from alignctl.models.varlen import varlen_kwargs
 
 IGNORE_INDEX = -100
 
@@ -69,6 +70,8 @@ class TokenLogps:
     token_batch_idx: torch.Tensor | None = None
     token_pos_idx: torch.Tensor | None = None
     seq_len: int | None = None
+    log_sum_sq: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
     @property
     def mean_logps(self) -> torch.Tensor:
@@ -99,6 +102,9 @@ class TokenLogps:
             out["token_logps"] = self.token_logps
             out["token_batch_idx"] = self.token_batch_idx
             out["token_pos_idx"] = self.token_pos_idx
+        for name in ("log_sum_sq", "aux_loss"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     @classmethod
@@ -111,6 +117,8 @@ class TokenLogps:
             token_batch_idx=d.get("token_batch_idx"),
             token_pos_idx=d.get("token_pos_idx"),
             seq_len=seq_len,
+            log_sum_sq=d.get("log_sum_sq"),
+            aux_loss=d.get("aux_loss"),
         )
 
 
@@ -256,6 +264,7 @@ def _chunk_logps(
     post: Callable[[torch.Tensor], torch.Tensor] | None,
     temperature: float,
     with_entropy: bool = False,
+    with_log_sum_sq: bool = False,
 ):
     """``hidden`` [n, H], ``targets`` [n] -> (label log-probs [n], vocab-mean of logits [n]), plus the
     detached entropy [n] of the tempered distribution when ``with_entropy`` (online RL metrics)."""
@@ -268,6 +277,8 @@ def _chunk_logps(
         logits = logits / temperature
     all_logps = logits.log_softmax(-1)
     logps = all_logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if with_log_sum_sq:  # WPO's alignment term log sum_v p(v)^2, detached
+        return logps, vocab_mean, torch.logsumexp(2 * all_logps.detach(), -1)
     if not with_entropy:
         return logps, vocab_mean
     detached = all_logps.detach()
@@ -283,16 +294,29 @@ def sequence_logps(
     position_ids: torch.Tensor | None = None,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    cu_seq_lens: torch.Tensor | None = None,
+    log_sum_sq: bool = False,
+    router_aux: bool = False,
 ) -> TokenLogps:
     """Per-sequence label log-probs without materialising ``[batch, seq, vocab]`` logits.
 
     ``model`` is a transformers causal LM or a peft ``PeftModel`` around one. ``labels`` is aligned with
     ``input_ids`` (-100 = ignore). For packed rows pass ``attention_mask=None`` and ``position_ids`` restarting at 0
     for each example: transformers then builds a block-diagonal causal mask.
+
+    Padding-free batches (:mod:`alignctl.models.varlen`): one row ``[1, N]`` of ``S`` sequences end to end,
+    ``position_ids`` restarting at each, and ``cu_seq_lens`` ``[S + 1]`` their boundaries. The result then has one
+    entry per *sequence* (``[S]``), and its per-token positions are positions within each sequence, exactly as the
+    padded layout of the same sequences would give.
+
+    ``log_sum_sq``: also return, per sequence, the detached sum over label tokens of ``log sum_v p(v)^2`` (WPO).
+    ``router_aux``: also return a mixture-of-experts model's load-balancing loss (``aux_loss``, 0-dim).
     """
     _check_inputs(input_ids, attention_mask, labels, position_ids, temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if cu_seq_lens is not None:
+        _check_padding_free(input_ids, attention_mask, position_ids, cu_seq_lens)
     causal_lm = unwrap_causal_lm(model)
     decoder, head = _decoder_and_head(causal_lm)
     post = _logits_postprocess(causal_lm)
@@ -302,6 +326,8 @@ def sequence_logps(
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
+        **varlen_kwargs(cu_seq_lens),
+        **({"output_router_logits": True} if router_aux else {}),
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B, T, H]
     B, T = input_ids.shape
@@ -309,33 +335,40 @@ def sequence_logps(
     labels = _effective_labels(labels, position_ids)
     shifted = labels[:, 1:]  # label at t+1 is predicted from hidden at t
     mask = shifted != IGNORE_INDEX  # [B, T-1]
-    batch_idx, pos_idx = mask.nonzero(as_tuple=True)  # row-major order
-    n = batch_idx.numel()
+    row_idx, pos_idx = mask.nonzero(as_tuple=True)  # row-major order
+    n = row_idx.numel()
 
-    num_tokens = mask.sum(-1)
+    if cu_seq_lens is None:  # one result per row
+        batch_idx, out_pos, seq_len = row_idx, pos_idx + 1, T
+        num_tokens = mask.sum(-1)
+    else:  # one result per sequence of the padding-free row
+        batch_idx, out_pos, B, seq_len = _sequence_layout(position_ids, cu_seq_lens, pos_idx + 1)
+        num_tokens = torch.bincount(batch_idx, minlength=B)
     if n == 0:
         # Keep the graph connected to every parameter (DDP, loss.backward()) with an exact zero.
-        batch_idx = pos_idx = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+        row_idx = batch_idx = pos_idx = torch.zeros(1, dtype=torch.long, device=input_ids.device)
         targets = torch.zeros(1, dtype=torch.long, device=input_ids.device)
         weight = 0.0
     else:
-        targets = shifted[batch_idx, pos_idx]
+        targets = shifted[row_idx, pos_idx]
         weight = None
     if targets.numel() and (targets.min() < 0):
         raise ValueError("labels must be token ids >= 0 or -100")
-    h_sel = hidden[batch_idx, pos_idx]  # [N, H]
+    h_sel = hidden[row_idx, pos_idx]  # [N, H]
 
     use_ckpt = torch.is_grad_enabled()
-    logps_chunks, mean_chunks = [], []
+    logps_chunks, mean_chunks, sq_chunks = [], [], []
     for start in range(0, h_sel.shape[0], chunk_size):
         h = h_sel[start : start + chunk_size]
         t = targets[start : start + chunk_size]
         if use_ckpt:
-            lp, vm = checkpoint(_chunk_logps, h, t, head, post, temperature, use_reentrant=False)
+            res = checkpoint(_chunk_logps, h, t, head, post, temperature, False, log_sum_sq, use_reentrant=False)
         else:
-            lp, vm = _chunk_logps(h, t, head, post, temperature)
-        logps_chunks.append(lp)
-        mean_chunks.append(vm)
+            res = _chunk_logps(h, t, head, post, temperature, False, log_sum_sq)
+        logps_chunks.append(res[0])
+        mean_chunks.append(res[1])
+        if log_sum_sq:
+            sq_chunks.append(res[2])
     token_logps = torch.cat(logps_chunks) if len(logps_chunks) > 1 else logps_chunks[0]
     vocab_mean = (torch.cat(mean_chunks) if len(mean_chunks) > 1 else mean_chunks[0]).detach()
 
@@ -344,18 +377,62 @@ def sequence_logps(
         vocab_mean = vocab_mean * weight
     sum_logps = token_logps.new_zeros(B).index_add(0, batch_idx, token_logps)
     logits_sum = vocab_mean.new_zeros(B).index_add(0, batch_idx, vocab_mean)
+    sum_sq = None
+    if log_sum_sq:
+        sq = torch.cat(sq_chunks) * (0.0 if n == 0 else 1.0)
+        sum_sq = sq.new_zeros(B).index_add(0, batch_idx, sq)
+    aux = _router_aux_loss(causal_lm, out, attention_mask) if router_aux else None
     if n == 0:
         token_logps = token_logps[:0]
-        batch_idx = pos_idx = batch_idx[:0]
+        batch_idx = out_pos = batch_idx[:0]
     return TokenLogps(
         sum_logps=sum_logps,
         num_tokens=num_tokens,
         logits_sum=logits_sum,
         token_logps=token_logps,
         token_batch_idx=batch_idx,
-        token_pos_idx=pos_idx + 1,
-        seq_len=T,
+        token_pos_idx=out_pos,
+        seq_len=seq_len,
+        log_sum_sq=sum_sq,
+        aux_loss=aux,
     )
+
+
+def _router_aux_loss(causal_lm: nn.Module, decoder_out, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The load-balancing loss a mixture-of-experts causal LM's own forward computes from its router logits
+    (the ``load_balancing_loss_func`` of its transformers module, with its expert count and top-k)."""
+    import sys
+
+    module = sys.modules.get(type(causal_lm).__module__)
+    loss_fn = getattr(module, "load_balancing_loss_func", None)
+    router_logits = getattr(decoder_out, "router_logits", None)
+    num_experts = getattr(causal_lm, "num_experts", None)
+    top_k = getattr(causal_lm, "num_experts_per_tok", None)
+    if loss_fn is None or router_logits is None or num_experts is None or top_k is None:
+        raise ModelLoadError(
+            f"{type(causal_lm).__name__} returns no router logits / load-balancing loss; "
+            "the router auxiliary loss needs a mixture-of-experts model (e.g. Mixtral, Qwen2-MoE)"
+        )
+    return loss_fn(router_logits, num_experts, top_k, attention_mask)
+
+
+def _check_padding_free(input_ids, attention_mask, position_ids, cu_seq_lens) -> None:
+    if input_ids.shape[0] != 1 or attention_mask is not None or position_ids is None:
+        raise ValueError("a padding-free batch is one row [1, N] with position_ids and no attention_mask")
+    if cu_seq_lens.dim() != 1 or cu_seq_lens.numel() < 2 or int(cu_seq_lens[-1]) != input_ids.shape[1]:
+        raise ValueError(
+            f"cu_seq_lens {cu_seq_lens.tolist()} must be the cumulative sequence boundaries of the row "
+            f"(0, ..., {input_ids.shape[1]})"
+        )
+
+
+def _sequence_layout(position_ids: torch.Tensor, cu_seq_lens: torch.Tensor, label_pos: torch.Tensor):
+    """For label positions of a padding-free row: (sequence index, position within the sequence),
+    the number of sequences and the longest sequence."""
+    cu = cu_seq_lens.to(device=label_pos.device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    sequence_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)  # [N]
+    return sequence_of[label_pos], position_ids.reshape(-1)[label_pos], lengths.numel(), int(lengths.max())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -405,17 +482,28 @@ def plain_sequence_logps(
 
 
 class CausalLMWithLogps(nn.Module):
-    """``forward(input_ids, attention_mask, labels, position_ids=None)`` -> dict of :class:`TokenLogps` tensors.
+    """``forward(input_ids, attention_mask, labels, position_ids=None, cu_seq_lens=None)`` -> dict of
+    :class:`TokenLogps` tensors (one entry per sequence for a padding-free row).
 
     Give *this* module to ``accelerator.prepare`` so DDP/FSDP see one normal forward call that runs the decoder
     and the chunked LM head. Rebuild the dataclass with ``TokenLogps.from_dict(out, seq_len=input_ids.shape[1])``.
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int = 1024, temperature: float = 1.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        chunk_size: int = 1024,
+        temperature: float = 1.0,
+        log_sum_sq: bool = False,
+        router_aux: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.temperature = temperature
+        self.log_sum_sq = log_sum_sq  # WPO weights
+        self.router_aux = router_aux  # mixture-of-experts load-balancing loss
         unwrap_causal_lm(model)  # fail early on unsupported wrappers
 
     @property
@@ -428,6 +516,7 @@ class CausalLMWithLogps(nn.Module):
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         out = sequence_logps(
             self.model,
@@ -437,5 +526,8 @@ class CausalLMWithLogps(nn.Module):
             position_ids=position_ids,
             chunk_size=self.chunk_size,
             temperature=self.temperature,
+            cu_seq_lens=cu_seq_lens,
+            log_sum_sq=self.log_sum_sq,
+            router_aux=self.router_aux,
         )
         return out.to_dict()

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
-from alignctl.models.logps import sequence_logps
+from alignctl.models.logps import TokenLogps, sequence_logps
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -30,11 +30,18 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def reference_dtype(precision: str) -> Optional[torch.dtype]:
+    """The dtype a frozen reference copy is held in under ``precision`` (None: as loaded, fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 class ReferenceModel:
     def __init__(self, mode: str, model: Optional[torch.nn.Module] = None, chunk_size: int = 1024):
         self.mode = mode
         self.model = model
         self.chunk_size = chunk_size
+        # How a sequence's token log-probs become its value (None: their sum); e.g. LD-DPO's weighting.
+        self.reduce: Optional[Callable[[TokenLogps], torch.Tensor]] = None
 
     @classmethod
     def build(cls, job, policy: torch.nn.Module, tokenizer, *, reference_free: bool) -> "ReferenceModel":
@@ -53,6 +60,9 @@ class ReferenceModel:
         ref.eval()
         ref.requires_grad_(False)
         disable_dropout(ref)
+        half = reference_dtype(job.precision.name)
+        if half is not None:  # frozen: no fp32 master weights needed, autocast computes in half anyway
+            ref.to(half)
         return cls("copy", ref, chunk_size=chunk)
 
     def to(self, device: torch.device) -> "ReferenceModel":
@@ -60,18 +70,19 @@ class ReferenceModel:
             self.model.to(device)
         return self
 
-    @torch.no_grad()
     def sum_logps(self, batch: Dict[str, torch.Tensor], autocast=nullcontext) -> torch.Tensor:
-        """[rows] summed reference log-probs of the batch's label tokens."""
+        """[sequences] summed reference log-probs of the batch's label tokens (padded or padding-free)."""
         if self.mode == "none":
-            return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+            return torch.zeros(batch["seq_lengths"].shape[0], device=batch["input_ids"].device)
         if self.mode == "precomputed":
             return batch["ref_logps"]
         adapter_off = self.model.disable_adapter() if self.mode == "adapter" else nullcontext()
         was_training = self.model.training
         self.model.eval()
         try:
-            with adapter_off, autocast():
+            # inference_mode: no autograd bookkeeping at all (lighter than no_grad); the result is
+            # cloned outside it so losses may use it like any tensor.
+            with torch.inference_mode(), adapter_off, autocast():
                 out = sequence_logps(
                     self.model,
                     batch["input_ids"],
@@ -79,10 +90,24 @@ class ReferenceModel:
                     batch["labels"],
                     position_ids=batch.get("position_ids"),
                     chunk_size=self.chunk_size,
+                    cu_seq_lens=batch.get("cu_seq_lens"),
                 )
         finally:
             self.model.train(was_training)
-        return out.sum_logps.float()
+        values = out.sum_logps if self.reduce is None else self.reduce(out)
+        return values.float().clone()
+
+    @torch.no_grad()
+    def mix_in(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO soft update ``ref = (1 - alpha) * ref + alpha * policy`` (alpha = 1: hard sync), parameter
+        by parameter in the reference's dtype (TRL 1.16.0's ``SyncRefModelCallback``)."""
+        if self.mode != "copy" or self.model is None:
+            raise ValueError(f"only a held reference copy can be synced (this reference is {self.mode!r})")
+        ref_params, policy_params = list(self.model.parameters()), list(policy.parameters())
+        if len(ref_params) != len(policy_params):
+            raise ValueError("the reference and the policy have different parameter lists")
+        for ref, new in zip(ref_params, policy_params):
+            ref.mul_(1.0 - alpha).add_(new.detach().to(ref.dtype), alpha=alpha)
 
     def release(self) -> None:
         """Drop a held copy (after precomputing)."""
