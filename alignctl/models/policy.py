@@ -58,17 +58,32 @@ def add_neftune_hook(model, alpha: float):
     return embeddings.register_forward_hook(add_noise)
 
 
-def save_model(model, folder: Path, *, processors=(), merge_adapter: bool = False, state_dict=None) -> None:
+def save_model(
+    model,
+    folder: Path,
+    *,
+    processors=(),
+    merge_adapter: bool = False,
+    state_dict=None,
+    model_cfg=None,
+    final_folder: Path | None = None,
+) -> None:
     """safetensors weights (or the LoRA adapter) and the processors (tokenizer, ...) into ``folder``.
 
-    With ``merge_adapter`` a LoRA model also writes base+adapter merged weights to folder/merged.
-    ``state_dict``: full weights gathered from a sharded (FSDP/DeepSpeed) model, saved instead of
-    the model's own (local shard) parameters.
+    A LoRA adapter records its base (``models.saved.record_base``: the hub id or local folder from
+    ``model_cfg``, else a copy saved in ``base/``); ``final_folder`` is where ``folder`` ends up
+    once its save completes (default: ``folder``). With ``merge_adapter`` a LoRA model also writes
+    base+adapter merged weights to folder/merged. ``state_dict``: full weights gathered from a
+    sharded (FSDP/DeepSpeed) model, saved instead of the model's own (local shard) parameters.
     """
+    from alignctl.models.saved import is_adapter, record_base
+
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     for processor in processors:
         processor.save_pretrained(folder)
+    if is_adapter(model) and model_cfg is not None:
+        record_base(model, folder, final_folder or folder, model_cfg, processors, state_dict)
     if merge_adapter and hasattr(model, "merge_and_unload") and state_dict is None:
         import copy
 

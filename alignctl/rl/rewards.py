@@ -213,8 +213,8 @@ def _model_folder(path: Union[str, Path]) -> Path:
             return folder
     if any((folder / "adapter_config.json").is_file() for folder in candidates):
         raise ConfigError(
-            f"reward.model={path}: holds a LoRA adapter only; retrain the reward model with "
-            "peft.merge_on_save=true (it writes final_model/merged) or without LoRA"
+            f"reward.model={path}: holds a LoRA adapter only; merge it into its base first with "
+            f"`alignctl merge {path}` (it writes final_model/merged, which is then used)"
         )
     raise ConfigError(
         f"reward.model={path}: no config.json there or in its final_model/; point it at a reward-model run "
