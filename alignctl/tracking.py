@@ -1,6 +1,11 @@
-"""What leaves a run while it trains: the rich progress bar, metrics.jsonl, TensorBoard, the summary.
+"""What leaves a run while it trains: progress display, console.log, metrics.jsonl, experiment
+trackers, sample tables and the summary.
 
-Only the main process tracks; the others get a tracker whose methods do nothing.
+Progress has three forms: on a terminal, a rich bar that moves every optimizer step; elsewhere
+(output redirected to a file, CI), one plain timestamped line per logging step; with
+``run.progress=false``, nothing. ``RUN_DIR/console.log`` always gets the plain lines, the
+evaluation lines, sample tables, warnings and the summary. Only the main process tracks; the
+others get a tracker whose methods do nothing.
 """
 
 from __future__ import annotations
@@ -8,94 +13,258 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True)
+
+CONSOLE_LOG = "console.log"
+SUMMARY_FILE = "summary.json"
+SAMPLES_FILE = "samples.jsonl"
+SHORT_UNITS = {"tokens": "tok", "samples": "samples", "images": "img"}
+
+
+def stamp() -> str:
+    """Wall-clock time of a plain progress line."""
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_text(loss: float, lr: float, units_per_s: float, unit: str, eta_s: Optional[float]) -> str:
+    """The figures of a progress bar or line (the same text in both)."""
+    text = f"loss {loss:.4f}  lr {lr:.2e}  {units_per_s:,.1f} {SHORT_UNITS.get(unit, unit)}/s"
+    return text + (f"  eta {format_duration(eta_s)}" if eta_s is not None else "")
 
 
 class RunTracker:
     def __init__(
-        self, run_dir: Path, total_steps: int, *, enabled: bool, progress: bool, tensorboard: bool, unit: str = "tokens"
+        self,
+        run_dir: Path,
+        total_steps: int,
+        *,
+        enabled: bool,
+        progress: bool,
+        tensorboard: bool = False,
+        report_to: Sequence[str] = (),
+        unit: str = "tokens",
+        run_name: str = "",
+        config: Optional[Dict[str, Any]] = None,
     ):
         self.enabled = enabled
-        self.unit_short = {"tokens": "tok"}.get(unit, unit)
+        self.unit = unit
         self.total_steps = total_steps
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.show = progress  # False: nothing on the console while training (console.log still written)
+        self.bar = progress and console.is_terminal
         self._progress: Optional[Progress] = None
         self._task = None
-        self._writer = None
-        self._start = time.perf_counter()
+        self._log: Optional[Console] = None
+        self._log_handle = None
+        self.trackers: List[Any] = []
         if not enabled:
             return
-        if progress:
+        self._log_handle = (self.run_dir / CONSOLE_LOG).open("a", encoding="utf-8")
+        self._log = Console(file=self._log_handle, width=120, force_terminal=False, no_color=True, highlight=False)
+        if self.bar:
             self._progress = Progress(
-                TextColumn("[bold]step"),
+                TextColumn("[bold]{task.description}"),
                 MofNCompleteColumn(),
                 BarColumn(),
                 TextColumn("{task.fields[stats]}"),
+                TextColumn("elapsed"),
                 TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
                 console=console,
                 transient=False,
             )
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        names = list(report_to)
+        if tensorboard and "tensorboard" not in names:
+            names.append("tensorboard")
+        if names:
+            from alignctl.trackers import flat_config, open_trackers
 
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            try:
+                self.trackers = open_trackers(names, self.run_dir, run_name or self.run_dir.name, flat_config(config or {}))
+            except Exception:
+                self.close()
+                raise
 
     def __enter__(self) -> "RunTracker":
         if self._progress is not None:
             self._progress.start()
-            self._task = self._progress.add_task("train", total=self.total_steps, stats="")
+            self._task = self._progress.add_task("step", total=self.total_steps, stats="")
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def advance(self, step: int, loss: float, lr: float, units_per_s: float) -> None:
-        """Move the bar to ``step`` and show the latest loss, lr and throughput."""
-        if self._progress is not None and self._task is not None:
-            stats = f"loss {loss:.4f}  lr {lr:.2e}  {units_per_s:,.1f} {self.unit_short}/s"
-            self._progress.update(self._task, completed=step, stats=stats)
-
-    def log(self, step: int, metrics: Dict[str, float], split: str = "train") -> None:
-        """One JSON object per call in metrics.jsonl (and TensorBoard scalars when enabled)."""
+    # ------------------------------------------------------------------ progress
+    def advance(self, step: int, loss: Optional[float], lr: float, units_per_s: float, eta_s: Optional[float] = None,
+                logged: bool = True) -> None:
+        """Move the bar to ``step`` (every optimizer step; ``loss`` None: the count only, the figures
+        stay); at a logging step (``logged``) also write one plain timestamped line (to the console
+        when it is not a terminal, and to console.log)."""
         if not self.enabled:
             return
-        record = {"step": step, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        if loss is None:
+            if self._progress is not None and self._task is not None:
+                self._progress.update(self._task, completed=step)
+            return
+        text = progress_text(loss, lr, units_per_s, self.unit, eta_s)
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=step, stats=text)
+        if logged:
+            line = f"{stamp()}  step {step}/{self.total_steps}  {text}"
+            self._write_line(line, to_console=self.show and not self.bar)
+
+    @contextmanager
+    def task(self, label: str, total: int) -> Iterator["TaskProgress"]:
+        """A bar of its own for a pass that is not a training step (evaluation, samples)."""
+        with task_progress(label, total, enabled=self.enabled and self.show, progress=self._progress,
+                           log=self._write_line if self.enabled else None) as handle:
+            yield handle
+
+    # ------------------------------------------------------------------ records
+    def log(self, step: int, metrics: Dict[str, float], split: str = "train") -> None:
+        """One JSON object per call in metrics.jsonl (with a wall-clock ``timestamp``, Unix seconds),
+        the same values to the experiment trackers; evaluation results also as a line."""
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, "timestamp": round(time.time(), 3),
+                  **{k: _plain(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(f"{split}/{key}", value, step)
-        if split != "train" and self._progress is not None:
+        scalars = {f"{split}/{k}": float(v) for k, v in metrics.items()
+                   if isinstance(_plain(v), (int, float)) and math.isfinite(float(_plain(v)))}
+        for tracker in self.trackers:
+            tracker.log(scalars, step=step)
+        if split != "train":
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            self._progress.console.print(f"[cyan]{split} @ step {step}[/]  {shown}")
+            self._write_line(f"{stamp()}  {split} @ step {step}  {shown}", to_console=self.show, style="cyan")
 
     def log_image(self, tag: str, image: Any, step: int) -> None:
-        """An image (uint8 numpy array, height x width x channels) to TensorBoard; nothing when
-        TensorBoard is off or on a process other than the main one."""
-        if self._writer is not None:
-            self._writer.add_image(tag, image, step, dataformats="HWC")
+        """An image (uint8 numpy array, height x width x channels) to the trackers that take images
+        (TensorBoard, wandb, ...); nothing on a process other than the main one."""
+        for tracker in self.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(tag, image, step, dataformats="HWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({tag: [image]}, step=step)
 
     def print(self, message: str) -> None:
-        if self.enabled:
-            (self._progress.console if self._progress else console).print(message)
+        """A message (rich markup) on the console and in console.log."""
+        if not self.enabled:
+            return
+        self.emit(message)
 
-    def close(self) -> None:
+    def note(self, line: str) -> None:
+        """A line for console.log only (e.g. a set-up message already shown before the log existed)."""
+        if self._log is not None:
+            self._log.print(line, markup=False, soft_wrap=True)
+
+    def warn(self, message: str) -> None:
+        """A warning on the console and in console.log, also after the tracker was closed."""
+        if not self.enabled:
+            return
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        if self._log is not None:
+            self._log.print(f"warning: {message}", markup=False, soft_wrap=True)
+        else:
+            with (self.run_dir / CONSOLE_LOG).open("a", encoding="utf-8") as handle:
+                handle.write(f"warning: {message}\n")
+
+    def stop_bar(self) -> None:
+        """End the live bar (before the summary, so the table is printed below it)."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+
+    def emit(self, renderable: Any) -> None:
+        """Any rich renderable (a table, ...) on the console and in console.log."""
+        if not self.enabled:
+            return
+        (self._progress.console if self._progress else console).print(renderable)
+        if self._log is not None:
+            self._log.print(renderable)
+
+    def _write_line(self, line: str, to_console: bool, style: str = "") -> None:
+        from rich.markup import escape
+
+        if to_console:
+            shown = f"[{style}]{escape(line)}[/]" if style else escape(line)
+            (self._progress.console if self._progress else console).print(shown, highlight=False, soft_wrap=True)
+        if self._log is not None:
+            self._log.print(line, markup=False, soft_wrap=True)
+
+    def close(self) -> None:
+        self.stop_bar()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle, self._log = None, None
+
+
+class TaskProgress:
+    """Handle of a pass with its own bar: ``advance()`` after each batch."""
+
+    def __init__(self, progress: Optional[Progress], task) -> None:
+        self._progress, self._task, self.done = progress, task, 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._progress is not None:
+            self._progress.update(self._task, advance=n)
+
+
+@contextmanager
+def task_progress(label: str, total: int, *, enabled: bool, progress: Optional[Progress] = None,
+                  log=None) -> Iterator[TaskProgress]:
+    """A transient bar for ``label`` (``total`` batches) on a terminal, added to ``progress`` when a
+    bar is live (rich allows one live display); elsewhere a start and an end line with timestamps.
+    ``log(line, to_console)`` also gets the lines (console.log)."""
+    start = time.perf_counter()
+    own = None
+    if enabled and console.is_terminal and progress is None:
+        own = progress = Progress(TextColumn("[bold]{task.description}"), MofNCompleteColumn(), BarColumn(),
+                                  TimeElapsedColumn(), console=console, transient=True)
+        own.start()
+    bar = enabled and console.is_terminal and progress is not None
+    task = progress.add_task(label, total=total, stats="") if bar else None
+    plain = enabled and not bar
+
+    def say(line: str) -> None:
+        if log is not None:
+            log(line, to_console=plain)
+        elif plain:
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+    say(f"{stamp()}  {label}: {total} batch{'es' if total != 1 else ''}")
+    handle = TaskProgress(progress if bar else None, task)
+    try:
+        yield handle
+    finally:
+        if task is not None:
+            progress.remove_task(task)
+        if own is not None:
+            own.stop()
+    say(f"{stamp()}  {label}: done in {time.perf_counter() - start:.1f} s")
 
 
 def _plain(value: Any) -> Any:
@@ -106,13 +275,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def print_summary(title: str, rows: List[Tuple[str, str]]) -> None:
+def print_summary(title: str, rows: List[Tuple[str, str]], tracker: Optional[RunTracker] = None) -> None:
+    """The end-of-run table, on the console (and in console.log when a tracker is given)."""
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
     for key, value in rows:
         table.add_row(key, value)
-    console.print(table)
+    if tracker is not None and tracker.enabled:
+        tracker.emit(table)
+    else:
+        console.print(table)
+
+
+def write_summary(run_dir: Path, rows: List[Tuple[str, str]], values: Dict[str, Any]) -> Path:
+    """summary.json: the summary table's rows (as shown) and its figures as numbers."""
+    path = Path(run_dir) / SUMMARY_FILE
+    payload = {"rows": {key: value for key, value in rows}, **{k: _plain(v) for k, v in values.items()}}
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
@@ -147,20 +328,24 @@ def _truncate_jsonl(path: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-SAMPLES_FILE = "samples.jsonl"
-
-
-def log_samples(run_dir: Path, step: int, samples: List[Tuple[str, str, float]], tracker: Optional[RunTracker] = None) -> None:
-    """A few (prompt, completion, score) triples: a table on the console and lines in samples.jsonl."""
+def log_samples(run_dir: Path, step: int, samples: List[Tuple[str, str, Optional[float]]],
+                tracker: Optional[RunTracker] = None, title: str = "") -> None:
+    """A few (prompt, completion, score or None) triples: a table on the console and in console.log,
+    and lines in samples.jsonl."""
     with (Path(run_dir) / SAMPLES_FILE).open("a", encoding="utf-8") as handle:
         for prompt, completion, score in samples:
             handle.write(json.dumps({"step": step, "prompt": prompt, "completion": completion, "score": score}) + "\n")
     if tracker is None or not tracker.enabled:
         return
-    table = Table(title=f"samples @ step {step}", title_justify="left", show_lines=True)
+    scored = any(score is not None for _, _, score in samples)
+    table = Table(title=title or f"samples @ step {step}", title_justify="left", show_lines=True, min_width=min(len(title), 100))
     table.add_column("prompt", overflow="fold", max_width=40)
     table.add_column("completion", overflow="fold", max_width=60)
-    table.add_column("score", justify="right")
+    if scored:
+        table.add_column("score", justify="right")
     for prompt, completion, score in samples:
-        table.add_row(prompt[-200:], completion[:400], f"{score:.3f}")
-    (tracker._progress.console if tracker._progress else console).print(table)
+        cells = [Text(prompt[-200:]), Text(completion[:400])]  # Text: brackets in model output are not markup
+        if scored:
+            cells.append(Text("-" if score is None else f"{score:.3f}"))
+        table.add_row(*cells)
+    tracker.emit(table)

@@ -9,7 +9,7 @@ something that only some examples of a batch have (KTO's desirable or undesirabl
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, NamedTuple, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Tuple, Union
 
 import torch
 
@@ -26,11 +26,13 @@ class MetricWindow:
     """Sums of metrics over the micro-batches since the last flush (tensors: no sync per step).
 
     ``unit`` names what the throughput counts (tokens, samples, images): the record gets
-    ``<unit>_per_s``.
+    ``<unit>_per_s``, the window's units over the seconds ``timer`` advanced during the window (the
+    run shell passes its clock's training seconds, so evaluation and checkpoint time are left out).
     """
 
-    def __init__(self, unit: str = "tokens") -> None:
+    def __init__(self, unit: str = "tokens", timer: Callable[[], float] = time.perf_counter) -> None:
         self.unit = unit
+        self.timer = timer
         self.reset()
 
     def reset(self) -> None:
@@ -38,7 +40,7 @@ class MetricWindow:
         self.weights: Dict[str, torch.Tensor] = {}
         self.units = torch.zeros((), dtype=torch.long)
         self.grad_norm = None
-        self.started = time.perf_counter()
+        self.started = self.timer()
 
     def add(self, loss: torch.Tensor, metrics: Metrics, units: torch.Tensor) -> None:
         for key, value in {"loss": loss, **metrics}.items():
@@ -53,6 +55,12 @@ class MetricWindow:
             else:
                 self.totals[key], self.weights[key] = total, weight
         self.units = self.units + torch.as_tensor(units).cpu()
+
+    def running_mean(self, key: str = "loss") -> float:
+        """This process's mean of ``key`` since the last flush (a sync: call it rarely); nan when empty."""
+        if key not in self.totals:
+            return float("nan")
+        return float(self.totals[key] / self.weights[key].clamp(min=1e-12))
 
     def state_dict(self) -> Dict[str, Any]:
         """What a checkpoint keeps so a resumed run logs the same averages."""
@@ -75,7 +83,7 @@ class MetricWindow:
         both = accelerator.reduce(torch.stack([totals, weights]), reduction="sum")
         means = both[0] / both[1].clamp(min=1e-12)
         units = int(accelerator.reduce(self.units.to(device), reduction="sum"))
-        elapsed = time.perf_counter() - self.started
+        elapsed = self.timer() - self.started
         record = {k: float(v) for k, v, w in zip(keys, means.tolist(), both[1].tolist()) if w > 0}
         record[f"{self.unit}_per_s"] = units / max(elapsed, 1e-9)
         if self.grad_norm is not None:
