@@ -2,7 +2,16 @@
 
     alignctl train [OVERRIDE ...] [--cfg job]   compose the config from Hydra overrides and run it
     alignctl launch-cmd [OVERRIDE ...]           print the accelerate launch command(s), run nothing
-    alignctl list                                algorithms, presets of every group, recipes
+    alignctl validate [OVERRIDE ...]             check a config (keys, ranges, files, model) without running
+    alignctl cp recipe NAME DEST                 copy a shipped recipe (or GROUP/PRESET) to edit it
+    alignctl list [GROUP=PRESET | SECTION ...]   algorithms, presets, recipes; or each knob's type, value, meaning
+    alignctl explain KEY [OVERRIDE ...]          one knob (e.g. algo.beta) with its meaning
+    alignctl data preview [OVERRIDE ...] [n=3]   the first rows as the model sees them, loss tokens marked
+    alignctl version (or --version)              the installed version
+    alignctl generate MODEL_OR_RUN_DIR PROMPT    sample an answer (generation.* settings); chat: a conversation
+    alignctl eval MODEL_OR_RUN_DIR [dataset=..]  preference accuracy / perplexity without training; JSON out
+    alignctl merge RUN_DIR [--out DIR]           fold a LoRA adapter into its base: a plain transformers model
+    alignctl plot RUN_DIR [RUN_DIR ...] [--out DIR]  PNGs of loss, lr and the algorithm's metrics, runs overlaid
 
 Each sub-command is one entry of ``COMMANDS``: a function taking the remaining argv and returning
 the exit code, imported only when its command runs (so ``alignctl list`` never imports torch).
@@ -14,18 +23,36 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-USAGE = """usage: alignctl train [OVERRIDE ...] [--cfg job] [--dry-run]
+USAGE = """usage: alignctl train [--from RUN_DIR] [--config-dir DIR] [OVERRIDE ...] [--cfg job] [--dry-run]
        alignctl launch-cmd [OVERRIDE ...]
-       alignctl list
+       alignctl validate [--from RUN_DIR] [--config-dir DIR] [OVERRIDE ...]
+       alignctl cp recipe NAME DEST [--force]   (or: alignctl cp GROUP/PRESET DEST)
+       alignctl list [algo=dpo | train | ...]
+       alignctl explain KEY [OVERRIDE ...]
+       alignctl data preview [OVERRIDE ...] [n=3] [split=train|eval] [--plain]
+       alignctl version
+       alignctl generate MODEL_OR_RUN_DIR PROMPT [PROMPT ...] [generation.KEY=VALUE ...] [--raw] [--seed N]
+       alignctl chat MODEL_OR_RUN_DIR [generation.KEY=VALUE ...] [--seed N]
+       alignctl eval MODEL_OR_RUN_DIR [dataset=PRESET] [OVERRIDE ...] [--out FILE.json]
+       alignctl merge RUN_DIR [--out DIR]
+       alignctl plot RUN_DIR [RUN_DIR ...] [--out DIR]
 
 OVERRIDE is a Hydra override: pick a preset of a group (algo=dpo model=tiny dataset=smoke_pref
 peft=lora precision=bf16 launcher=local), a whole recipe (recipe=smoke/sft), or set a field
-(train.lr=1e-4 algo.beta=0.05 run.output_dir=runs/mine).
---cfg job prints the composed config and runs nothing.
+(train.lr=1e-4 algo.beta=0.05 run.output_dir=runs/mine). A recipe may be your own file
+(recipe=./exp.yaml); --config-dir DIR adds your presets (DIR/model/mine.yaml -> model=mine) and
+recipes (DIR/exp.yaml -> recipe=exp); --from RUN_DIR repeats a run from its config.yaml, with the
+overrides, into a new run directory.
+--cfg job prints the composed config and runs nothing. `alignctl list algo=dpo` shows every knob of
+a group with its type, value and meaning; `alignctl explain train.lr` one knob.
+`alignctl data preview algo=dpo dataset=...` renders the first rows as the model will see them.
 launcher=ddp|fsdp|deepspeed runs the training under `accelerate launch` (launcher.num_processes,
 launcher.num_machines, launcher.machine_rank, launcher.main_process_ip); `launch-cmd` (or
 `train ... --dry-run`) writes the accelerate config into the run directory and prints the
 command, one per machine, for cluster schedulers.
+generate/chat/eval/merge take a trained model: a run directory (its final_model/, else its newest
+checkpoint), a saved model folder, a .gguf file or a hub id; `alignctl eval --help` and the others
+say more.
 """
 
 
@@ -34,6 +61,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if args[0] in ("--version", "-V"):
+        args[0] = "version"
     command, rest = args[0], args[1:]
     _quiet_libraries()
     from alignctl.errors import AlignctlError
@@ -64,7 +93,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 COMMANDS = {
     "train": "alignctl.cli:_train",
     "launch-cmd": "alignctl.cli:_launch_cmd",
-    "list": "alignctl.cli:_list",
+    "validate": "alignctl.commands_config:validate_command",
+    "cp": "alignctl.commands_config:cp_command",
+    "list": "alignctl.options:list_command",
+    "explain": "alignctl.options:explain_command",
+    "version": "alignctl.options:version_command",
+    "data": "alignctl.data.preview:data_command",
+    "generate": "alignctl.tools.generate:generate_command",
+    "chat": "alignctl.tools.generate:chat_command",
+    "eval": "alignctl.tools.evaluate:eval_command",
+    "merge": "alignctl.tools.merge:merge_command",
+    "plot": "alignctl.plots:plot_command",
 }
 
 
@@ -96,7 +135,7 @@ def _escape(text: str) -> str:
 
 
 def _train(args: List[str], dry_run: bool = False) -> int:
-    from alignctl import launch
+    from alignctl import launch, user_configs
     from alignctl.compose import compose_job
     from alignctl.registry import get_algorithm
     from alignctl.run_dir import config_text
@@ -115,8 +154,8 @@ def _train(args: List[str], dry_run: bool = False) -> int:
             print_cfg = arg.split("=", 1)[1]
         elif arg == "--dry-run":
             dry_run = True
-        else:
-            overrides.append(arg)
+        else:  # --from/--config-dir and recipe paths made absolute: a launch re-executes them elsewhere
+            overrides.append(user_configs.take_option(arg, it) or user_configs.absolute_recipe(arg))
     if print_cfg not in (None, "job", "all"):
         from alignctl.errors import ConfigError
 
@@ -129,6 +168,11 @@ def _train(args: List[str], dry_run: bool = False) -> int:
         return 0
     algorithm.check(job)
     launch.validate_launcher(job)
+    note = user_configs.repeat_note(overrides)
+    if note and not launch.inside_launch():
+        from alignctl.tracking import console
+
+        console.print(_escape(note), highlight=False, soft_wrap=True)
     if dry_run:
         return launch.print_launch(job, overrides)
     from alignctl.inputs import check_inputs
@@ -153,31 +197,6 @@ def _close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _list(args: List[str]) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from alignctl.compose import GROUPS, list_presets, list_recipes
-    from alignctl.registry import ALGORITHMS
-
-    console = Console()  # stdout: this listing is the command's output
-
-    algos = Table(title="algorithms (algo.name)", title_justify="left")
-    algos.add_column("name", style="bold")
-    algos.add_column("what it trains")
-    for algorithm in ALGORITHMS.values():
-        algos.add_row(algorithm.name, algorithm.description)
-    console.print(algos)
-    presets = Table(title="presets (GROUP=PRESET)", title_justify="left")
-    presets.add_column("group", style="bold")
-    presets.add_column("presets")
-    for group in GROUPS:
-        presets.add_row(group, ", ".join(list_presets(group)))
-    presets.add_row("recipe", ", ".join(list_recipes()))
-    console.print(presets)
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,9 +22,25 @@ GROUPS = ("algo", "model", "dataset", "peft", "precision", "launcher", "generati
 
 
 def project_root() -> Path:
-    """Folder holding configs/ and recipes/ (the source checkout; ALIGNCTL_HOME overrides)."""
+    """Folder holding configs/ and recipes/: ALIGNCTL_HOME if set, else the source checkout this
+    package sits in, else the copy an installed wheel carries inside the package (setup.py)."""
     env = os.environ.get("ALIGNCTL_HOME")
-    return Path(env) if env else Path(__file__).resolve().parent.parent
+    if env:
+        home = Path(env).expanduser()
+        if not (home / "configs" / "train.yaml").is_file():
+            raise ConfigError(
+                f"ALIGNCTL_HOME={env}: holds no configs/train.yaml; point it at a folder with alignctl's "
+                "configs/ and recipes/ (e.g. a source checkout), or unset it"
+            )
+        return home
+    package = Path(__file__).resolve().parent
+    for root in (package.parent, package):  # checkout first: a stale build copy never wins over it
+        if (root / "configs" / "train.yaml").is_file() and (root / "recipes").is_dir():
+            return root
+    raise ConfigError(
+        f"alignctl's configs/ and recipes/ are missing (looked in {package.parent} and {package}); "
+        "reinstall alignctl, or set ALIGNCTL_HOME to a source checkout"
+    )
 
 
 def configs_dir() -> Path:
@@ -64,22 +80,32 @@ def register_schemas() -> None:
 
 
 def compose_job(overrides: Sequence[str]) -> DictConfig:
-    """Compose ``configs/train.yaml`` with command-line overrides; raise ConfigError on bad input."""
+    """Compose ``configs/train.yaml`` with command-line overrides; raise ConfigError on bad input.
+
+    ``overrides`` may also hold ``--config-dir=DIR`` and ``--from=RUN_DIR`` and name a recipe by its
+    file (alignctl.user_configs)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    _check_group_choices(overrides)
-    overrides = [_allow_new_map_key(o) for o in overrides]
+    from alignctl.user_configs import parse_sources
+
+    sources = parse_sources(overrides, GROUPS, list_presets, list_recipes())
+    _check_group_choices([o for o in sources.overrides if not sources.claims(o)])
+    overrides = [_allow_new_map_key(o) for o in sources.hydra_overrides(GROUPS)]
     register_schemas()
+    sources.register(GROUPS)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(configs_dir()), version_base=None):
             cfg = compose(config_name="train", overrides=list(overrides))
     except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "bad override"
-        raise ConfigError(explain_compose_error(exc)) from None
+        where = f" (composing {sources.from_run}/config.yaml, given with --from)" if sources.from_run else ""
+        raise ConfigError(explain_compose_error(exc) + where) from None
     finally:
         GlobalHydra.instance().clear()
-    return cfg
+    from alignctl.precision import resolve_auto_precision
+
+    return resolve_auto_precision(cfg)
 
 
 # Free-form maps (column renames): a key a preset does not set yet is added, not refused.
@@ -107,6 +133,28 @@ def _check_group_choices(overrides: Sequence[str]) -> None:
             raise ConfigError(
                 f"recipe={value}: no such recipe; choose one of: " + ", ".join(list_recipes())
             )
+        if "." not in key and key not in GROUPS and key != "recipe":
+            hint = bare_key_message(key, value)
+            if hint:
+                raise ConfigError(hint)
+
+
+def bare_key_message(key: str, value: str | None) -> str | None:
+    """`lr=1e-3` -> "did you mean train.lr=1e-3": every schema field whose name is ``key``.
+
+    None when ``key`` is a top-level key itself or no field is called so (Hydra's own message,
+    with close spellings, follows)."""
+    from alignctl.schema_docs import leaf_matches
+
+    matches = {full: algos for full, algos in leaf_matches(key).items() if full != key}
+    if not matches or key in {f.name for f in fields(JobConfig)}:
+        return None
+    setting = f"={value}" if value is not None else ""
+    shown = [
+        full + setting + (f" (algo {', '.join(algos)})" if algos else "") for full, algos in matches.items()
+    ]
+    choice = shown[0] if len(shown) == 1 else "one of: " + "; ".join(shown)
+    return f"{key}{setting}: there is no top-level key '{key}'; did you mean {choice}?"
 
 
 def explain_compose_error(exc: BaseException) -> str:

@@ -24,8 +24,11 @@ class ArchConfig:
     hidden_size: int = 64
     # Width of the MLP.
     intermediate_size: int = 128
+    # Transformer blocks.
     num_hidden_layers: int = 2
+    # Attention heads (hidden_size must be a multiple of it).
     num_attention_heads: int = 4
+    # Key/value heads (grouped-query attention; divides num_attention_heads).
     num_key_value_heads: int = 2
     # Context length the position embeddings are built for.
     max_position_embeddings: int = 1024
@@ -68,12 +71,15 @@ class DatasetConfig:
     train_split: str = "train"
     # Split used for evaluation; when absent, ``eval_fraction`` of the training split is held out.
     eval_split: Optional[str] = None
-    # Fraction of the training rows held out for evaluation (0 disables evaluation).
-    eval_fraction: float = 0.0
+    # Fraction of the training rows held out for evaluation; 0: no evaluation; null (auto): 5% when
+    # the training split has at least 2,000 rows, none for smaller data (no rows taken unasked).
+    eval_fraction: Optional[float] = None
     # Rename columns to the names alignctl expects: {expected_name: name_in_your_data}.
     columns: Dict[str, str] = field(default_factory=dict)
     # Use at most this many training rows (after the eval split).
     max_rows: Optional[int] = None
+    # Use at most this many evaluation rows (the first ones of the eval split or held-out rows).
+    max_eval_rows: Optional[int] = None
     # Skip rows that cannot be used (and report how many) instead of stopping at the first one.
     skip_invalid: bool = False
 
@@ -82,8 +88,11 @@ class DatasetConfig:
 class PeftConfig:
     # none | lora | qlora
     method: str = "none"
+    # LoRA rank (inner width of the low-rank update).
     r: int = 16
+    # LoRA scale numerator: the update is multiplied by alpha / r.
     alpha: int = 32
+    # Dropout on the LoRA branch's input.
     dropout: float = 0.05
     # Module names to adapt, or ["all-linear"] for every linear layer but the output head.
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
@@ -95,8 +104,11 @@ class PeftConfig:
 
 @dataclass
 class PrecisionConfig:
-    # fp32 | bf16 | fp16: passed to accelerate as mixed precision (autocast; master weights fp32).
-    name: str = "fp32"
+    # auto | fp32 | bf16 | fp16: passed to accelerate as mixed precision (autocast; master weights fp32).
+    # auto (the default) becomes bf16 where the hardware runs it fast, else fp32 (alignctl/precision.py).
+    name: str = "auto"
+    # Set when auto chose the preset: why (recorded in the run's config.yaml and summary).
+    auto_reason: Optional[str] = None
 
 
 @dataclass
@@ -115,8 +127,9 @@ class FSDPConfig:
 class DeepSpeedConfig:
     # ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters).
     zero_stage: int = 2
-    # Offload optimizer state (stages 1-3) and parameters (stage 3) to the CPU.
+    # Offload optimizer state to the CPU (stages 1-3).
     offload_optimizer: bool = False
+    # Offload parameters to the CPU (stage 3 only).
     offload_params: bool = False
 
 
@@ -126,35 +139,49 @@ class LauncherConfig:
     name: str = "local"
     # Processes per machine (usually one per GPU).
     num_processes: int = 1
+    # Machines taking part (each runs num_processes processes).
     num_machines: int = 1
     # Rank of this machine (0 on the main one).
     machine_rank: int = 0
     # Address and port the processes meet at (the main machine); needed with num_machines > 1.
     main_process_ip: Optional[str] = None
+    # Port on main_process_ip.
     main_process_port: int = 29500
+    # Settings of launcher=fsdp.
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    # Settings of launcher=deepspeed.
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
 class TrainConfig:
+    # Seed of initialisation, shuffling, dropout and sampling (a run is repeatable with it).
     seed: int = 42
     # Optimizer steps to run; -1 means run ``num_epochs`` epochs.
     max_steps: int = -1
+    # Passes over the training data (fractions allowed); used when max_steps is -1.
     num_epochs: float = 3.0
+    # Examples per forward/backward on each process (pairs for preference algorithms).
     per_device_batch_size: int = 8
     # Evaluation batch size; defaults to per_device_batch_size.
     per_device_eval_batch_size: Optional[int] = None
+    # Micro-batches per optimizer step (global batch = per_device_batch_size x this x processes).
     gradient_accumulation_steps: int = 1
+    # Peak learning rate (AdamW).
     lr: float = 5e-5
     # constant | linear | cosine (each after warmup)
     lr_scheduler: str = "linear"
+    # Optimizer steps of linear warmup from 0 to lr.
     warmup_steps: int = 0
     # Warmup as a fraction of the total steps (used when warmup_steps is 0).
     warmup_ratio: float = 0.0
+    # AdamW's decoupled weight decay (not applied to biases and norm weights).
     weight_decay: float = 0.0
+    # AdamW's first-moment decay.
     adam_beta1: float = 0.9
+    # AdamW's second-moment decay.
     adam_beta2: float = 0.999
+    # AdamW's epsilon (added to the denominator).
     adam_epsilon: float = 1e-8
     # Clip the global gradient norm to this value (0 disables clipping).
     max_grad_norm: float = 1.0
@@ -166,13 +193,15 @@ class TrainConfig:
     eval_steps: int = 0
     # Write a checkpoint every N optimizer steps (0: none during training).
     save_steps: int = 500
-    # Keep at most this many checkpoints (oldest pruned after a new one is complete).
-    save_total_limit: Optional[int] = None
+    # Keep at most this many checkpoints (oldest pruned after a new one is complete); null keeps all.
+    # 3: the newest plus two older ones that resume=auto falls back to if the newest is damaged.
+    save_total_limit: Optional[int] = 3
     # Positions per chunk when the LM head is applied to compute log-probs.
     logps_chunk_size: int = 1024
     # Batch examples of similar length (less padding): shuffle, then sort within groups of
     # length_group_batches global batches.
     group_by_length: bool = False
+    # With group_by_length: global batches per sorted group (larger = less padding, less randomness).
     length_group_batches: int = 50
     # A NaN/inf loss stops the run (naming the step and rows); true skips such batches and counts them.
     skip_nonfinite: bool = False
@@ -215,8 +244,9 @@ class RewardSourceConfig:
     functions: List[str] = field(default_factory=list)
     # One weight per source: the reward model first (when set), then the functions in order; null = all 1.
     weights: Optional[List[float]] = None
-    # Reward-model scoring batch size and longest scored text (prompt + completion, in its tokens).
+    # Reward-model scoring batch size.
     batch_size: int = 16
+    # Longest text the reward model scores (prompt + completion, in its tokens; longer keeps its start).
     max_length: int = 512
 
 
@@ -226,10 +256,18 @@ class RunConfig:
     output_dir: Optional[str] = None
     # Allow writing into a directory that already holds a finished run.
     overwrite: bool = False
-    # Also write TensorBoard event files into <output_dir>/tensorboard.
+    # Also write TensorBoard event files into <output_dir>/tensorboard (the same as report_to=[tensorboard]).
     tensorboard: bool = False
-    # Show the rich progress bar (metrics.jsonl is written either way).
+    # Experiment trackers to send metrics to, any of tensorboard, wandb, mlflow (accelerate's
+    # trackers; wandb and mlflow are the optional extras alignctl[wandb] / alignctl[mlflow]).
+    report_to: List[str] = field(default_factory=list)
+    # Show progress: a bar on a terminal, one timestamped line per logging step otherwise; false shows
+    # neither (metrics.jsonl and console.log are written either way).
     progress: bool = True
+    # Offline policy algorithms (sft, dpo, cpo, orpo, simpo, kto): prompts whose generations are shown
+    # and appended to samples.jsonl at each evaluation. null: 3 prompts of the eval set (of the
+    # training set when there is none); N: N of them; a list of strings: those prompts; 0 or []: off.
+    sample_prompts: Any = None
 
 
 @dataclass
@@ -238,15 +276,23 @@ class JobConfig:
 
     # Typed per algorithm: the algo preset's defaults list names its schema (algo_configs).
     algo: Any = MISSING
+    # The model to train and its tokenizer (model=PRESET).
     model: ModelConfig = field(default_factory=ModelConfig)
+    # The training (and evaluation) data (dataset=PRESET).
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # Parameter-efficient fine-tuning: none | lora | qlora (peft=PRESET).
     peft: PeftConfig = field(default_factory=PeftConfig)
+    # Mixed precision: fp32 | bf16 | fp16 (precision=PRESET).
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # How many processes and machines run the training (launcher=PRESET).
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    # Optimizer, schedule, batch sizes, logging, evaluation and checkpoint cadence.
     train: TrainConfig = field(default_factory=TrainConfig)
     # Online algorithms only (ppo, grpo, rloo, iterative_sft): sampling settings and reward sources.
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # Online algorithms only: where scores come from (reward=PRESET).
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    # Run directory and what is displayed or written beside the metrics.
     run: RunConfig = field(default_factory=RunConfig)
     # Continue a stopped run: "auto" (newest complete checkpoint of run.output_dir) or a checkpoint path.
     resume: Optional[str] = None

@@ -52,11 +52,17 @@ def _refuse_online_groups(job, name: str) -> None:
             f"reward is used by online algorithms only (ppo, grpo, rloo, iterative_sft, ddpo); algo={name} does not read it: drop the reward=/reward.* "
             "overrides"
         )
+    from alignctl.engine.samples import sampling_enabled
+
+    if sampling_enabled(job):  # the offline policy's sample generations read it
+        return
     defaults = _defaults(GenerationConfig)
     for key in defaults:
         if job.generation[key] != defaults[key]:
+            reads = "and by run.sample_prompts of sft, dpo, cpo, orpo, kto"
             raise ConfigError(
-                f"generation.{key} is used by online algorithms only (ppo, grpo, rloo, iterative_sft, ddpo); algo={name} does not read it: drop it"
+                f"generation.{key} is used by online algorithms (ppo, grpo, rloo, iterative_sft, ddpo) {reads}; "
+                f"algo={name} does not read it{' with run.sample_prompts off' if name != 'reward' else ''}: drop it"
             )
 
 

@@ -33,8 +33,10 @@ CONFIG_FILE = "config.yaml"
 FINAL_MODEL = "final_model"
 RUN_FILE = "run.json"  # marks a folder as an alignctl run directory and holds the run id
 # What a run writes and a fresh start in the same folder removes (config.yaml and run.json are
-# rewritten; accelerate_config.yaml belongs to the launch that may be starting this very run).
-RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "tensorboard", CHECKPOINT_DIR, FINAL_MODEL)
+# rewritten; accelerate_config.yaml belongs to the launch that may be starting this very run;
+# eval/ holds `alignctl eval` results of the finished model).
+RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "tensorboard", CHECKPOINT_DIR, FINAL_MODEL, "eval",
+               "console.log", "summary.json", "plots", "wandb", "mlruns")
 # Settings a checkpoint must share with the run that resumes it.
 IDENTITY_KEYS = ("algo.name", "model.name_or_path", "model.gguf_file", "peft.method")
 

@@ -66,14 +66,23 @@ RANGES: Sequence[Range] = (
     Range("train.logps_chunk_size", at_least(1), ">= 1"),
     Range("train.length_group_batches", at_least(1), ">= 1"),
     Range("train.max_consecutive_nonfinite", at_least(1), ">= 1"),
-    Range("dataset.eval_fraction", unit_interval, "in [0, 1)"),
+    Range("dataset.eval_fraction", unit_interval, "in [0, 1) (or null: auto, 5% of data sets of >= 2,000 rows)", optional=True),
     Range("dataset.max_rows", at_least(1), ">= 1 (or null: every row)", optional=True),
+    Range("dataset.max_eval_rows", at_least(1), ">= 1 (or null: every row)", optional=True),
     Range("algo.max_length", at_least(1), ">= 1"),
     Range("algo.max_prompt_length", at_least(1), ">= 1"),
     Range("algo.beta", positive, "> 0 (a negative beta learns the opposite preference)", algos=PREFERENCE),
     Range("algo.label_smoothing", lambda v: 0 <= v <= 0.5, "in [0, 0.5]", algos=("dpo", "cpo")),
     Range("algo.cpo_alpha", at_least(0), ">= 0", algos=("cpo",)),
     Range("algo.discopop_tau", positive, "> 0", algos=("dpo",)),
+    Range("algo.f_alpha_divergence_coef", lambda v: True, "finite", algos=("dpo",)),
+    Range("algo.ld_alpha", lambda v: 0 <= v <= 1, "in [0, 1] (or null: off)", optional=True, algos=("dpo",)),
+    Range("algo.rpo_alpha", at_least(0), ">= 0 (or null: off)", optional=True, algos=("dpo",)),
+    Range("algo.ref_model_mixup_alpha", lambda v: 0 < v <= 1, "in (0, 1]", algos=("dpo",)),
+    Range("algo.ref_model_sync_steps", at_least(1), ">= 1", algos=("dpo",)),
+    Range("algo.router_aux_loss_coef", at_least(0), ">= 0 (or null: the model's own)", optional=True,
+          algos=("dpo", "cpo", "orpo")),
+    Range("algo.alpha", lambda v: True, "finite (0: off)", algos=("cpo",)),
     Range("algo.desirable_weight", positive, "> 0", algos=("kto",)),
     Range("algo.undesirable_weight", positive, "> 0", algos=("kto",)),
     Range("algo.neftune_noise_alpha", at_least(0), ">= 0 (or null: off)", optional=True, algos=("sft",)),
@@ -87,6 +96,8 @@ CHOICES = {
     "peft.method": ("none", "lora", "qlora"),
     "launcher.name": "alignctl.launch:LAUNCHERS",
     "algo.truncation_mode": ("keep_start", "keep_end"),
+    "algo.truncation": ("answers", "joined"),
+    "algo.f_divergence_type": "alignctl.losses.dpo:F_DIVERGENCES",
 }
 # algo.loss_type, per algorithm.
 LOSS_TYPES = {
@@ -103,9 +114,85 @@ def validate_job(job: DictConfig) -> None:
         _check_range(job, rule)
     for key, valid in CHOICES.items():
         _check_choice(job, key, valid)
-    if job.algo.name in LOSS_TYPES:
+    if job.algo.name == "dpo":
+        _check_dpo_losses(job.algo)
+    elif job.algo.name in LOSS_TYPES:
         _check_choice(job, "algo.loss_type", LOSS_TYPES[job.algo.name])
     _check_prompt_fits(job)
+    _check_dpo_reference_sync(job)
+    if job.algo.name == "kto":
+        for key, default in (("add_bos_to_prompt", True), ("truncation", "answers")):
+            if OmegaConf.select(job, f"algo.{key}", default=default) != default:
+                raise ConfigError(f"algo.{key} is not supported by kto yet; leave it at {default}")
+    _check_run_outputs(job)
+
+
+def _check_dpo_losses(algo: DictConfig) -> None:
+    """algo.loss_type (a name or a list), loss_weights, rpo_alpha, f_divergence_type, use_weighting."""
+    from alignctl.losses.dpo import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, UNWEIGHTABLE_LOSS_TYPES
+
+    raw = algo.loss_type
+    types = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw, ListConfig) else None
+    if not types or not all(isinstance(t, str) for t in types):
+        raise ConfigError(f"algo.loss_type={raw}: give a loss name or a non-empty list of names, e.g. [sigmoid,sft]")
+    for name in types:
+        if name not in DPO_LOSS_TYPES:
+            raise ConfigError(f"algo.loss_type={name!r}: use one of {', '.join(DPO_LOSS_TYPES)}")
+    if len(set(types)) != len(types):
+        raise ConfigError(f"algo.loss_type={list(types)}: a loss type appears twice; give each once with its weight")
+    weights = algo.loss_weights
+    if weights is not None:
+        if len(weights) != len(types):
+            raise ConfigError(
+                f"algo.loss_weights={list(weights)}: {len(weights)} weights for {len(types)} loss types "
+                f"({', '.join(types)}); give one weight per loss type"
+            )
+        for w in weights:
+            if not math.isfinite(w) or w < 0:
+                raise ConfigError(f"algo.loss_weights={list(weights)}: every weight must be a finite number >= 0")
+    if algo.rpo_alpha is not None and "sft" in types:
+        raise ConfigError(
+            "algo.rpo_alpha adds an sft part, and algo.loss_type already has sft; drop one (set the sft weight "
+            "in algo.loss_weights instead of algo.rpo_alpha)"
+        )
+    if algo.f_divergence_type != "reverse_kl":
+        bad = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
+        if bad:
+            raise ConfigError(
+                f"algo.f_divergence_type={algo.f_divergence_type} works with {', '.join(F_DIVERGENCE_LOSS_TYPES)}, "
+                f"not {', '.join(bad)}; use f_divergence_type=reverse_kl with those"
+            )
+    if algo.use_weighting:
+        bad = [t for t in types if t in UNWEIGHTABLE_LOSS_TYPES]
+        if bad:
+            raise ConfigError(
+                f"algo.use_weighting=true does not apply to {', '.join(bad)} (their losses are not one per pair); "
+                "set algo.use_weighting=false or pick another loss type"
+            )
+
+
+def _check_dpo_reference_sync(job: DictConfig) -> None:
+    """TR-DPO mixes the policy into a held reference copy: nothing else can be synced."""
+    algo = job.algo
+    if algo.name != "dpo" or not algo.sync_ref_model:
+        return
+    for clash, why in (
+        (algo.reference_free, "algo.reference_free=true (there is no reference)"),
+        (algo.precompute_ref_logps, "algo.precompute_ref_logps=true (its log-probs would go stale)"),
+        (job.peft.method != "none", f"peft={job.peft.method} (the reference is the adapter switched off)"),
+        (job.launcher.name in ("fsdp", "deepspeed"), f"launcher={job.launcher.name} (the policy's weights are sharded)"),
+    ):
+        if clash:
+            raise ConfigError(f"algo.sync_ref_model=true cannot be used with {why}; set algo.sync_ref_model=false")
+
+
+def _check_run_outputs(job: DictConfig) -> None:
+    """run.report_to (known trackers, packages installed) and run.sample_prompts."""
+    from alignctl.engine.samples import check_sample_prompts
+    from alignctl.trackers import check_report_to
+
+    check_report_to(job)
+    check_sample_prompts(job)
 
 
 def _check_range(job: DictConfig, rule: Range) -> None:

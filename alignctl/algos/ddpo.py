@@ -195,7 +195,7 @@ class DDPOAlgorithm:
                 raise DataError(f"dataset.path={job.dataset.path}: no prompts (one prompt per non-empty line)")
             return self._online_data(pairs, str(path))
 
-        raw = load_rows(job.dataset, seed=job.train.seed)
+        raw = load_rows(job.dataset, seed=job.train.seed, hold_out=False)
         examples = []
         for row in raw.train:
             i, data = row.index, row.data
@@ -203,7 +203,12 @@ class DDPOAlgorithm:
             if not isinstance(prompt, str) or not prompt:
                 if job.dataset.skip_invalid:
                     continue
-                raise DataError(f"row {i} of {raw.source}: algo=ddpo needs a non-empty `prompt` string")
+                from alignctl.data.load import SKIP_HINT
+
+                line = f" (line {row.line})" if row.line is not None else ""
+                raise DataError(
+                    f"{raw.source}: row {i}{line}: algo=ddpo needs a non-empty `prompt` string; {SKIP_HINT}"
+                )
             examples.append({"prompt": prompt, "columns": {k: v for k, v in data.items() if k != "prompt"}, "index": i})
         return OnlineData(train=examples, collate=_collate,
                           notes=[("data", f"{raw.source} ({len(examples)} prompts)")], processors=[])

@@ -30,7 +30,13 @@ from alignctl.data.kto import build_kto_examples, collate_kto, warn_if_unbalance
 from alignctl.errors import ConfigError
 from alignctl.engine.offline import PreparedData, RunResult, run_offline
 from alignctl.engine.window import Metrics, Weighted
-from alignctl.algos.preference import attach_reference, build_policy_with_reference, build_splits, forward_pairs
+from alignctl.algos.preference import (
+    attach_reference,
+    build_policy_with_reference,
+    build_splits,
+    forward_pairs,
+)
+from alignctl.algos.padding_free import use_padding_free
 from alignctl.losses.kto import KTO_LOSS_TYPES, KTOLossOutput, kto_loss
 from alignctl.models.logps import TokenLogps
 from alignctl.models.reference import ReferenceModel
@@ -82,6 +88,7 @@ class KTOAlgorithm:
             eval=eval_data.examples if eval_data else None,
             collate=partial(collate_kto, pad_token_id=tokenizer.pad_token_id, with_kl=self.uses_kl),
             notes=notes,
+            eval_origin=raw.eval_origin,
         )
 
     def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
@@ -93,6 +100,7 @@ class KTOAlgorithm:
         if accelerator.num_processes > 1:
             # The KL estimate is the mean over all processes' KL rows (TRL gathers them).
             self.kl_reduce = lambda x: accelerator.reduce(x, reduction="mean")
+        use_padding_free(job, data, model, self.reference.model if self.reference.mode == "copy" else None)
         attach_reference(self.reference, job, accelerator, model, data)
 
     def compute_loss(self, model, batch: Dict[str, torch.Tensor], train: bool) -> Tuple[torch.Tensor, Metrics]:

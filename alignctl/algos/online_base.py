@@ -102,7 +102,7 @@ class PolicyRolloutAlgorithm:
         from alignctl.models.load import load_tokenizer
 
         self.tokenizer = load_tokenizer(job.model)
-        raw = load_rows(job.dataset, seed=job.train.seed)
+        raw = load_rows(job.dataset, seed=job.train.seed, hold_out=False)
         data = build_prompt_examples(
             raw.train, self.tokenizer, max_prompt_length=self.cfg.max_prompt_length,
             truncation_mode=self.cfg.truncation_mode, skip_invalid=job.dataset.skip_invalid,

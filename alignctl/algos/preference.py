@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -15,6 +15,7 @@ from alignctl.engine.offline import Metrics, PreparedData
 from alignctl.models.logps import CausalLMWithLogps, TokenLogps
 from alignctl.models.policy import build_policy
 from alignctl.models.reference import ReferenceModel, disable_dropout
+from alignctl.tracking import task_progress
 
 
 def build_splits(job: DictConfig, tokenizer, build_examples, **extra):
@@ -42,7 +43,9 @@ def build_splits(job: DictConfig, tokenizer, build_examples, **extra):
 
 def prepare_pair_data(job: DictConfig, tokenizer) -> PreparedData:
     """Rows -> PairExamples for train and eval, with a collate that keeps precomputed ref log-probs."""
-    raw, train, eval_data = build_splits(job, tokenizer, build_pair_examples)
+    raw, train, eval_data = build_splits(
+        job, tokenizer, build_pair_examples, add_bos_to_prompt=job.algo.add_bos_to_prompt, truncation=job.algo.truncation
+    )
     notes = [("data", f"{raw.source} ({train.format}, {len(train.examples)} train pairs"
               + (f", {len(eval_data.examples)} eval pairs)" if eval_data else ")"))]
     if train.skipped:
@@ -52,6 +55,7 @@ def prepare_pair_data(job: DictConfig, tokenizer) -> PreparedData:
         eval=eval_data.examples if eval_data else None,
         collate=partial(collate_pairs_with_ref, pad_token_id=tokenizer.pad_token_id),
         notes=notes,
+        eval_origin=raw.eval_origin,
     )
 
 
@@ -65,14 +69,17 @@ def collate_pairs_with_ref(examples: List[PairExample], pad_token_id: int) -> Di
 
 
 def forward_pairs(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> TokenLogps:
-    """One forward of the concatenated chosen+rejected batch through the log-prob wrapper."""
+    """One forward of the concatenated chosen+rejected batch through the log-prob wrapper (one
+    result per sequence, padded or padding-free)."""
     return TokenLogps.from_dict(
         model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             labels=batch["labels"],
             position_ids=batch.get("position_ids"),
-        )
+            cu_seq_lens=batch.get("cu_seq_lens"),
+        ),
+        seq_len=int(batch["seq_lengths"].max()),
     )
 
 
@@ -129,15 +136,20 @@ def attach_reference(reference: ReferenceModel, job: DictConfig, accelerator, mo
         model.to(accelerator.device)
         start = time.perf_counter()
         batch_size = job.train.per_device_eval_batch_size or job.train.per_device_batch_size
-        for examples in (data.train, data.eval or []):
-            precompute_reference(reference, examples, data.collate, batch_size, accelerator)
+        parts = (data.train, data.eval or [])
+        batches = sum(-(-len(examples) // batch_size) for examples in parts)
+        shown = accelerator.is_main_process and job.run.progress
+        with task_progress("reference log-probs", batches, enabled=shown) as bar:
+            for examples in parts:
+                precompute_reference(reference, examples, data.collate, batch_size, accelerator, on_batch=bar.advance)
         reference.release()
         data.notes.append(("reference log-probs", f"precomputed in {time.perf_counter() - start:.1f} s"))
     data.notes.append(("reference", REFERENCE_NOTES[reference.mode]))
 
 
 @torch.no_grad()
-def precompute_reference(reference: ReferenceModel, examples, collate, batch_size: int, accelerator) -> None:
+def precompute_reference(reference: ReferenceModel, examples, collate, batch_size: int, accelerator,
+                         on_batch: Optional[Callable[[], None]] = None) -> None:
     """Store on every example (``ref_logps``) the summed reference log-probs of its two rows.
 
     Batches lay out B examples as two halves of rows (chosen then rejected for pairs; main then KL
@@ -153,3 +165,5 @@ def precompute_reference(reference: ReferenceModel, examples, collate, batch_siz
         second = values[n:] if len(values) == 2 * n else [None] * n
         for example, first, other in zip(chunk, values[:n], second):
             example.ref_logps = (first, other)
+        if on_batch is not None:
+            on_batch()

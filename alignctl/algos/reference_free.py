@@ -9,10 +9,18 @@ from omegaconf import DictConfig
 
 from alignctl.errors import ConfigError
 from alignctl.engine.offline import Metrics, PreparedData, RunResult, run_offline
-from alignctl.algos.preference import forward_pairs, logp_metrics, prepare_pair_data, reward_metrics, split_pairs
+from alignctl.algos.preference import (
+    forward_pairs,
+    logp_metrics,
+    prepare_pair_data,
+    reward_metrics,
+    split_pairs,
+)
+from alignctl.algos.padding_free import use_padding_free
 from alignctl.losses.cpo import CPO_LOSS_TYPES, cpo_loss
 from alignctl.losses.orpo import odds_ratio_loss, orpo_total_loss
 from alignctl.models.logps import CausalLMWithLogps, TokenLogps
+from alignctl.models.moe import router_aux_coef
 from alignctl.models.policy import build_policy
 from alignctl.models.reference import disable_dropout
 
@@ -29,10 +37,20 @@ class _PolicyOnlyPairs:
     def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
         policy = build_policy(job, tokenizer)
         disable_dropout(policy)
-        return CausalLMWithLogps(policy, chunk_size=job.train.logps_chunk_size)
+        model = CausalLMWithLogps(policy, chunk_size=job.train.logps_chunk_size)
+        self.aux_coef = router_aux_coef(job.algo.router_aux_loss_coef, model.config, follow_config_flag=True)
+        model.router_aux = self.aux_coef != 0.0
+        return model
+
+    def add_router_loss(self, loss: torch.Tensor, out: TokenLogps, metrics: Metrics) -> torch.Tensor:
+        """``loss + router_aux_loss_coef * aux_loss`` for a mixture-of-experts model (see models.moe)."""
+        if not self.aux_coef:
+            return loss
+        metrics["aux_loss"] = out.aux_loss.detach()
+        return loss + self.aux_coef * out.aux_loss
 
     def setup(self, job, accelerator, model, data) -> None:
-        return None
+        use_padding_free(job, data, model)
 
     def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model
@@ -66,11 +84,12 @@ class CPOAlgorithm(_PolicyOnlyPairs):
             label_smoothing=cfg.label_smoothing,
             simpo_gamma=cfg.simpo_gamma,
             cpo_alpha=cfg.cpo_alpha,
+            alpha=cfg.alpha,
         )
         metrics = {**reward_metrics(result.chosen_rewards, result.rejected_rewards), **logp_metrics(out)}
         metrics["logps/chosen"], metrics["logps/rejected"] = chosen.detach().mean(), rejected.detach().mean()
         metrics["nll_loss"] = result.nll_loss.detach()
-        return result.loss, metrics
+        return self.add_router_loss(result.loss, out, metrics), metrics
 
 
 class ORPOAlgorithm(_PolicyOnlyPairs):
@@ -84,7 +103,7 @@ class ORPOAlgorithm(_PolicyOnlyPairs):
         metrics["nll_loss"] = nll.detach()
         metrics["log_odds_ratio"] = result.log_odds_ratio.detach()
         metrics["log_odds_chosen"] = result.log_odds_chosen.detach()
-        return orpo_total_loss(nll, result.losses), metrics
+        return self.add_router_loss(orpo_total_loss(nll, result.losses), out, metrics), metrics
 
 
 def run_cpo(job: DictConfig) -> RunResult:

@@ -12,10 +12,12 @@ from typing import Dict, Tuple
 import torch
 from omegaconf import DictConfig
 
+from alignctl.errors import ConfigError
 from alignctl.engine.offline import Metrics, PreparedData, RunResult, run_offline
 from alignctl.algos.preference import prepare_pair_data, split_pairs
 from alignctl.losses.reward import reward_accuracy, reward_loss
 from alignctl.models.policy import build_policy
+from alignctl.models.reference import disable_dropout
 
 
 class RewardAlgorithm:
@@ -23,10 +25,19 @@ class RewardAlgorithm:
         self.cfg = cfg
 
     def prepare_data(self, job: DictConfig, tokenizer) -> PreparedData:
+        if self.cfg.padding_free:
+            raise ConfigError(
+                "algo.padding_free=true: reward models score each sequence from its own padded row; "
+                "padding-free batches are for dpo, cpo, orpo and kto (set algo.padding_free=null)"
+            )
         return prepare_pair_data(job, tokenizer)
 
     def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
-        return build_policy(job, tokenizer, reward_head=True)
+        model = build_policy(job, tokenizer, reward_head=True)
+        # As the reference library's RewardTrainer (disable_dropout=True): deterministic rewards,
+        # and no dropout masks kept for backward.
+        disable_dropout(model)
+        return model
 
     def setup(self, job, accelerator, model, data) -> None:
         return None

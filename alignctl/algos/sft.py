@@ -8,7 +8,8 @@ from typing import Dict, Tuple
 import torch
 from omegaconf import DictConfig
 
-from alignctl.data.collate import collate_packed, collate_sequences
+from alignctl.algos.padding_free import use_padding_free
+from alignctl.data.collate import collate_packed, collate_sequences, flatten_packed, unpad_batch
 from alignctl.data.load import load_rows
 from alignctl.data.sft import build_sft_examples
 from alignctl.errors import ConfigError
@@ -39,6 +40,7 @@ class SFTAlgorithm:
             eval=eval_data.examples if eval_data else None,
             collate=partial(collate, pad_token_id=tokenizer.pad_token_id),
             notes=notes,
+            eval_origin=raw.eval_origin,
         )
 
     def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
@@ -49,6 +51,7 @@ class SFTAlgorithm:
 
     def setup(self, job, accelerator, model, data) -> None:
         self.accelerator = accelerator
+        use_padding_free(job, data, model, convert=flatten_packed if job.algo.packing else unpad_batch)
 
     def compute_loss(self, model, batch: Dict[str, torch.Tensor], train: bool) -> Tuple[torch.Tensor, Metrics]:
         out = TokenLogps.from_dict(
@@ -57,6 +60,7 @@ class SFTAlgorithm:
                 attention_mask=batch.get("attention_mask"),
                 labels=batch["labels"],
                 position_ids=batch.get("position_ids"),
+                cu_seq_lens=batch.get("cu_seq_lens"),
             )
         )
         loss = token_nll(out)

@@ -105,7 +105,9 @@ def truncate(ids: Sequence[int], max_length: int, mode: str) -> List[int]:
 
 def _require_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
+        error = DataError(
             "conversational data needs a tokenizer with a chat template, and this one has none; "
             "use a chat/instruct model, or give plain-text columns (text, or prompt + completion)"
         )
+        error.every_row = True  # encode_each: not a bad row, so no skip_invalid advice and no skipping
+        raise error

@@ -6,6 +6,7 @@ error can name the row a user has to look at.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -37,21 +38,44 @@ class RawSplits:
     train: List[Row]
     eval: Optional[List[Row]]
     source: str  # human-readable origin, for the summary
+    eval_origin: str = ""  # where the eval rows came from (or why there are none), for the summary
 
 
-def load_rows(cfg: DatasetConfig, seed: int) -> RawSplits:
-    """Read the configured data set, rename columns, split off eval rows."""
+# dataset.eval_fraction=null (auto) holds out AUTO_EVAL_FRACTION of a training split of at least
+# AUTO_EVAL_MIN_ROWS rows: 100+ eval rows (an accuracy's standard error under 5 points) for 5% of
+# the data; a smaller file keeps every row for training unless the user asks for a split.
+AUTO_EVAL_MIN_ROWS = 2000
+AUTO_EVAL_FRACTION = 0.05
+
+
+def load_rows(cfg: DatasetConfig, seed: int, hold_out: bool = True) -> RawSplits:
+    """Read the configured data set, rename columns, split off eval rows (``hold_out=False``: an
+    algorithm that does not evaluate; dataset.eval_fraction=null then holds nothing out)."""
     train, source = _read_split(cfg, cfg.train_split)
     eval_rows: Optional[List[Row]] = None
+    fraction = cfg.eval_fraction
     if cfg.eval_split:
         eval_rows, _ = _read_split(cfg, cfg.eval_split)
-    elif cfg.eval_fraction > 0:
-        train, eval_rows = _hold_out(train, cfg.eval_fraction, seed)
+        origin = f"split {cfg.eval_split!r}"
+    elif fraction is not None:
+        origin = f"dataset.eval_fraction={fraction} of {len(train)} rows" if fraction > 0 else "none (dataset.eval_fraction=0)"
+    elif hold_out and len(train) >= AUTO_EVAL_MIN_ROWS:
+        fraction = AUTO_EVAL_FRACTION
+        origin = (f"{AUTO_EVAL_FRACTION:.0%} of {len(train)} rows held out (dataset.eval_fraction=null: "
+                  f"data sets of >= {AUTO_EVAL_MIN_ROWS} rows); dataset.eval_fraction=0 keeps them all")
+    else:
+        origin = (f"none ({len(train)} rows < {AUTO_EVAL_MIN_ROWS}: nothing held out unasked); "
+                  "set dataset.eval_fraction=0.1 or dataset.eval_split to evaluate")
+    if not cfg.eval_split and fraction:
+        train, eval_rows = _hold_out(train, fraction, seed)
     if cfg.max_rows is not None:
         train = train[: cfg.max_rows]
+    if eval_rows is not None and cfg.max_eval_rows is not None and len(eval_rows) > cfg.max_eval_rows:
+        eval_rows = eval_rows[: cfg.max_eval_rows]
+        origin += f", its first {cfg.max_eval_rows} rows (dataset.max_eval_rows)"
     if not train:
         raise DataError(f"dataset {cfg.name!r} ({source}) has no training rows")
-    return RawSplits(train=train, eval=eval_rows, source=source)
+    return RawSplits(train=train, eval=eval_rows, source=source, eval_origin=origin)
 
 
 def check_files(cfg: DatasetConfig) -> None:
@@ -390,15 +414,52 @@ def _parquet_table(path: Path, schema_only: bool = False):
 def _read_hub(cfg: DatasetConfig, split: str) -> List[Dict[str, Any]]:
     import datasets
 
+    offline = hub_offline_reason()
     try:
-        table = datasets.load_dataset(cfg.path, cfg.subset, split=split)
+        with _offline_mode(offline is not None):  # no network: only a cached copy, without retries
+            table = datasets.load_dataset(cfg.path, cfg.subset, split=split)
     except Exception as exc:
+        why = f"the hub cannot be reached ({offline}) and there is no cached copy" if offline else (
+            f"loading it from the hub failed ({_first_line(exc)})"
+        )
         raise DataError(
-            f"dataset.path={cfg.path}: not a local file or directory, and loading it from the hub failed "
-            f"({_first_line(exc)}); set dataset.path to a local jsonl/json/parquet/csv file or folder, "
-            "or go online"
+            f"dataset.path={cfg.path}: not a local file or directory, and {why}; point dataset.path at a "
+            f"local file or a folder with {split}.jsonl (or .json/.parquet/.csv), or go online"
         ) from None
     return table.to_list()
+
+
+def hub_offline_reason() -> Optional[str]:
+    """Why the hub cannot be reached (offline mode set, or its host does not resolve), or None."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        # Without this check the hub client retries for about half a minute, logging each retry.
+        return f"{host} does not resolve: no network?"
+    return None
+
+
+@contextlib.contextmanager
+def _offline_mode(on: bool):
+    """Put datasets and huggingface_hub in offline mode for one call (they read these flags per call)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if on:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _first_line(exc: BaseException) -> str:
@@ -421,6 +482,8 @@ def encode_each(items: Sequence[T], encode: Callable[[T], U], skip_invalid: bool
         try:
             out.append(encode(item))
         except DataError as exc:
+            if getattr(exc, "every_row", False):
+                raise  # a problem of the setup, not of this row (no chat template): skipping rows cannot help
             if not skip_invalid:
                 if "skip_invalid" in str(exc):
                     raise

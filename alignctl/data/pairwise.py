@@ -7,12 +7,16 @@ Layouts (detected from the columns of the first row, after ``dataset.columns`` r
 - the same three as message lists (conversational): ``prompt`` is the conversation so far,
   ``chosen`` / ``rejected`` the assistant message(s) that follow; rendered with the chat template;
 - ``chosen`` + ``rejected`` alone (implicit prompt, e.g. raw HH-RLHF): the prompt is their shared
-  start, see :func:`extract_shared_prompt`;
+  start, see :func:`extract_shared_prompt`; also when ``chosen`` / ``rejected`` are whole
+  conversations beside a string ``prompt`` (UltraFeedback binarized), whose turn they already hold;
 - an optional numeric ``margin`` column (reward model: Llama 2's margin) is kept per pair.
 
 Tokenization follows the project rule (``encode.py``): the prompt is tokenized once and the same
 ids precede both answers, so the chosen and rejected sequences never disagree on prompt tokens.
-Truncation follows TRL's ``DPOTrainer.tokenize_row`` (0.9-0.11), see :func:`truncate_pair`.
+Truncation follows TRL's ``DPOTrainer.tokenize_row`` (0.9-0.11), see :func:`truncate_pair`, or
+with ``truncation="joined"`` TRL 1.x's collator, see :func:`truncate_joined`. A text prompt gets the
+tokenizer's BOS in front (TRL <= 0.11) unless ``add_bos_to_prompt=False`` (TRL 1.x); chat prompts
+get whatever their template writes.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from alignctl.data.load import Row, encode_each, names_file, require_messages
 from alignctl.errors import ConfigError, DataError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+TRUNCATIONS = ("answers", "joined")
 EXPLICIT = "prompt_chosen_rejected"
 IMPLICIT = "chosen_rejected"
 CHAT_SUFFIX = "_chat"
@@ -131,11 +136,12 @@ def detect_pair_format(rows: Sequence[Row]) -> str:
                 f"row {first.index}: missing column '{needed}' (columns: {', '.join(columns) or 'none'}); "
                 + REMAP_HINT.format(field=needed)
             )
-    fmt = EXPLICIT if "prompt" in first.data else IMPLICIT
-    probe = [first.data.get(k) for k in ("prompt", "chosen", "rejected")]
-    if any(isinstance(value, list) for value in probe):
-        fmt += CHAT_SUFFIX
-    return fmt
+    chat = any(isinstance(first.data.get(k), list) for k in ("prompt", "chosen", "rejected"))
+    if chat and isinstance(first.data.get("prompt"), str) and not isinstance(first.data.get("chosen"), str):
+        # A string prompt beside whole conversations (UltraFeedback binarized): the conversations
+        # already hold the prompt turn, so it is their shared start, as TRL's maybe_extract_prompt does.
+        return IMPLICIT + CHAT_SUFFIX
+    return (EXPLICIT if "prompt" in first.data else IMPLICIT) + (CHAT_SUFFIX if chat else "")
 
 
 @names_file
@@ -148,19 +154,25 @@ def build_pair_examples(
     truncation_mode: str = "keep_end",
     add_eos: bool = True,
     skip_invalid: bool = False,
+    add_bos_to_prompt: bool = True,
+    truncation: str = "answers",
 ) -> PairData:
-    """Validate, tokenize and truncate every pair.
+    """Validate, tokenize and truncate every pair (``truncation``: answers | joined, see the module).
 
     Invalid rows raise a DataError naming the row and the field, or are counted in
     ``PairData.skipped`` and dropped when ``skip_invalid``.
     """
     _check_lengths(max_length, max_prompt_length, truncation_mode)
+    if truncation not in TRUNCATIONS:
+        raise ConfigError(f"algo.truncation={truncation!r}: use answers or joined")
     fmt = detect_pair_format(rows)
     with_margin = any("margin" in row.data for row in rows)
 
     def encode(row: Row) -> PairExample:
-        example = _encode_row(row, fmt, tokenizer, add_eos)
+        example = _encode_row(row, fmt, tokenizer, add_eos, add_bos_to_prompt)
         example.margin = _margin(row) if with_margin else None
+        if truncation == "joined":
+            return truncate_joined(example, max_length)
         return truncate_pair(example, max_length, max_prompt_length, truncation_mode, bos_token_id=tokenizer.bos_token_id)
 
     examples, skipped = encode_each(rows, encode, skip_invalid)
@@ -197,13 +209,34 @@ def truncate_pair(
         example.chosen_ids = example.chosen_ids[:keep]
         example.rejected_ids = example.rejected_ids[:keep]
     example.prompt_ids = prompt
+    _check_trainable(example)
+    return example
+
+
+def truncate_joined(example: PairExample, max_length: int) -> PairExample:
+    """TRL 1.x truncation, in place: each of prompt + chosen and prompt + rejected keeps its first
+    ``max_length`` tokens (so only answers lose tokens). A prompt that alone fills ``max_length``
+    leaves nothing to train: TRL drops such rows; here it is an error (or skipped, skip_invalid)."""
+    if len(example.prompt_ids) >= max_length:
+        raise DataError(
+            f"row {example.row_index}: the prompt alone has {len(example.prompt_ids)} tokens, >= algo.max_length="
+            f"{max_length}, so algo.truncation=joined leaves no answer token; raise algo.max_length, use "
+            "algo.truncation=answers (cuts the prompt first) or dataset.skip_invalid=true"
+        )
+    keep = max_length - len(example.prompt_ids)
+    example.chosen_ids = example.chosen_ids[:keep]
+    example.rejected_ids = example.rejected_ids[:keep]
+    _check_trainable(example)
+    return example
+
+
+def _check_trainable(example: PairExample) -> None:
     # The first position is never predicted, so with no prompt an answer needs 2 tokens.
-    if not prompt and min(len(example.chosen_ids), len(example.rejected_ids)) < 2:
+    if not example.prompt_ids and min(len(example.chosen_ids), len(example.rejected_ids)) < 2:
         raise DataError(
             f"row {example.row_index}: an answer has no trained token (empty prompt and a one-token answer); "
             "give a prompt or a longer answer"
         )
-    return example
 
 
 def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str) -> None:
@@ -220,7 +253,7 @@ def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str
 # --------------------------------------------------------------------------- one row
 
 
-def _encode_row(row: Row, fmt: str, tokenizer, add_eos: bool) -> PairExample:
+def _encode_row(row: Row, fmt: str, tokenizer, add_eos: bool, add_bos: bool = True) -> PairExample:
     chat = fmt.endswith(CHAT_SUFFIX)
     chosen = _field(row, "chosen", chat)
     rejected = _field(row, "rejected", chat)
@@ -243,8 +276,9 @@ def _encode_row(row: Row, fmt: str, tokenizer, add_eos: bool) -> PairExample:
                 )
     if chat:
         return _encode_chat(row, tokenizer, prompt, chosen, rejected)
+    prompt_ids = encode_prompt(tokenizer, prompt) if add_bos else tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return PairExample(
-        prompt_ids=encode_prompt(tokenizer, prompt),
+        prompt_ids=prompt_ids,
         chosen_ids=encode_completion(tokenizer, chosen, add_eos),
         rejected_ids=encode_completion(tokenizer, rejected, add_eos),
         row_index=row.index,
@@ -344,5 +378,6 @@ __all__ = [
     "collate_pairs",
     "detect_pair_format",
     "extract_shared_prompt",
+    "truncate_joined",
     "truncate_pair",
 ]

@@ -32,6 +32,8 @@ class PreparedData:
     collate: Callable[[List], Dict[str, torch.Tensor]]
     # Extra rows for the end-of-run summary (format, skipped rows, ...).
     notes: List[Tuple[str, str]] = field(default_factory=list)
+    # Where the eval rows came from, or why there are none (data.load.RawSplits.eval_origin).
+    eval_origin: str = ""
 
 
 class OfflineAlgorithm(Protocol):
@@ -115,6 +117,9 @@ class OfflineLoop(RunShell):
             eval_bs = tcfg.per_device_eval_batch_size or tcfg.per_device_batch_size
             eval_loader = torch.utils.data.DataLoader(self.data.eval, batch_size=eval_bs, collate_fn=self.data.collate)
 
+        from alignctl.engine.samples import SampleGenerations
+
+        self.samples = SampleGenerations.from_job(job, tokenizer, self.data.train, self.data.eval)
         optimizer = build_optimizer(model, tcfg)
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
         self.eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
@@ -133,8 +138,11 @@ class OfflineLoop(RunShell):
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
         self.model.train()
+        after_step = getattr(self.algorithm, "after_step", None)  # e.g. TR-DPO's reference sync
         for batch in self.batches(self.train_loader):
             if self._micro_step(batch):  # an optimizer step completed
+                if after_step is not None:
+                    after_step(self.progress.step + 1, self.model)
                 self.end_step()
 
     def _micro_step(self, batch: Dict[str, torch.Tensor]) -> bool:
@@ -167,21 +175,35 @@ class OfflineLoop(RunShell):
             return None
         self.model.eval()
         window = MetricWindow(self.unit)
-        with torch.no_grad():
+        with torch.no_grad(), self.tracker.task(f"eval @ step {self.progress.step}", len(self.eval_loader)) as bar:
             for batch in self.eval_loader:
                 loss, metrics = self.algorithm.compute_loss(self.model, batch, train=False)
                 window.add(loss.detach(), metrics, batch["seq_lengths"].sum())
+                bar.advance()
         self.model.train()
         record, _ = window.flush(self.accelerator)
         record.pop(f"{self.unit}_per_s", None)
         return record
+
+    def show_samples(self) -> None:
+        if self.samples is not None:
+            self.samples.show(self)
 
     # ------------------------------------------------------------------ summary
     def summary_rows(self) -> List[Tuple[str, str]]:
         tcfg = self.tcfg
         processes = self.accelerator.num_processes
         global_batch = tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * processes
-        return [("global batch", f"{global_batch} ({processes} process(es))")]
+        n_eval = len(self.data.eval or [])
+        origin = self.data.eval_origin  # says so when dataset.max_eval_rows capped it
+        rows = [("global batch", f"{global_batch} ({processes} process(es))"),
+                ("train / eval examples", f"{len(self.data.train):,} / {n_eval:,}" + (f" (eval: {origin})" if origin else ""))]
+        if self.samples is not None:
+            rows.append(("sample generations", f"{self.samples.origin}, at each evaluation -> samples.jsonl"))
+        return rows
+
+    def summary_values(self) -> Dict[str, object]:
+        return {"train_examples": len(self.data.train), "eval_examples": len(self.data.eval or [])}
 
     def late_summary_rows(self) -> List[Tuple[str, str]]:
         return [("padding", f"{self.last_padding:.0%} of batch positions (last logging window)")]

@@ -22,13 +22,14 @@ import torch
 from omegaconf import DictConfig
 
 from alignctl.checkpoint import UnreadableCheckpoint, checkpoint_path, list_checkpoints, save_checkpoint, write_atomically
+from alignctl.engine.clock import RunClock, rate
 from alignctl.engine.guards import NonFiniteLoss, RunInterrupted, StopSignals, UniformLossWatch, nonfinite_message
 from alignctl.engine.optim import check_precision
 from alignctl.engine.state import TrainProgress, read_training_state, restore_rng, write_training_state
 from alignctl.engine.window import MetricWindow
 from alignctl.errors import ConfigError
 from alignctl.run_dir import FINAL_MODEL, check_steps_left, plan_run, run_identity, start_run_dir, write_config
-from alignctl.tracking import RunTracker, print_summary
+from alignctl.tracking import RunTracker, print_summary, write_summary
 
 
 @dataclass
@@ -37,7 +38,7 @@ class RunResult:
     steps: int
     final_loss: float
     units: int  # trained by this process, in the loop's unit (a resumed run counts from where it resumed)
-    wall_s: float
+    wall_s: float  # seconds of training steps (no set-up, evaluation or saving): units / wall_s is the throughput
     unit: str = "tokens"
 
     @property
@@ -95,6 +96,8 @@ class RunShell:
         from accelerate.utils import set_seed
 
         job = self.job
+        self.clock = RunClock("setup")
+        self.said: List[str] = []  # set-up messages, copied into console.log once it exists
         mixed_precision = check_precision(job.precision.name)
         plan = plan_run(job)
         self.run_dir, self.run_id = plan.run_dir, plan.run_id
@@ -106,7 +109,7 @@ class RunShell:
         self._check_sharded_options()
         self._say(*plan.skipped)
         self.progress = TrainProgress()
-        self.window = MetricWindow(self.unit)
+        self.window = MetricWindow(self.unit, timer=lambda: self.clock.seconds("train"))
         self.build()
         resumed = self._restore(plan.candidates) if plan.candidates else None
         if resumed is not None:
@@ -122,6 +125,7 @@ class RunShell:
         if self.accelerator.is_main_process:
             for line in lines:
                 console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
+                self.said.append(line)
 
     def _restore(self, candidates: List[Path]) -> Path:
         """Resume from the first checkpoint that loads (resume=auto offers older ones as fallbacks)."""
@@ -129,6 +133,8 @@ class RunShell:
         for i, folder in enumerate(candidates):
             try:
                 resumed = read_training_state(folder, model)
+                if hasattr(self.algorithm, "load_extras"):  # state saved beside the model (save_extras)
+                    self.algorithm.load_extras(folder / "model")
                 break
             except UnreadableCheckpoint as exc:
                 if i == len(candidates) - 1:
@@ -148,26 +154,103 @@ class RunShell:
         return folder
 
     def _train_and_finish(self) -> RunResult:
+        from omegaconf import OmegaConf
+
+        from alignctl.trackers import requested_trackers
+
         job, accelerator, progress = self.job, self.accelerator, self.progress
         self.tracker = RunTracker(
             self.run_dir, self.total_steps, enabled=accelerator.is_main_process,
-            progress=job.run.progress, tensorboard=job.run.tensorboard, unit=self.unit,
+            progress=job.run.progress, report_to=requested_trackers(job.run), unit=self.unit,
+            run_name=self.run_dir.name, config=OmegaConf.to_container(job, resolve=True),
         )
         self.units_before = progress.units_total  # > 0 when resumed: not part of this process's speed
+        self.steps_before = progress.step
         self.uniform_watch = UniformLossWatch(self.uniform_loss)
-        start = self.window.started = time.perf_counter()  # set-up time is not throughput
-        with self.tracker, StopSignals() as self.stop:
-            if progress.step:  # resumed: start the bar where the run stopped
-                self.tracker.advance(progress.step, self.last_loss, self.scheduler.get_last_lr()[0], 0.0)
-            self.train()
-            wall = time.perf_counter() - start
-            eval_record = self.evaluate()
-            if eval_record:
-                self.tracker.log(progress.step, eval_record, split="eval")
-        final_dir = self._save_final()
-        self._print_summary(wall, eval_record, final_dir)
-        units = progress.units_total - self.units_before
-        return RunResult(self.run_dir, progress.step, self.last_loss, units, wall, self.unit)
+        self.throughput: Optional[Tuple[int, float]] = None  # (units, training seconds) of the last figure shown
+        self._shown_at = 0.0
+        plotted = False
+        try:
+            with self.tracker:
+                for line in self.said:
+                    self.tracker.note(line)
+                with StopSignals() as self.stop:
+                    self.clock.switch("train")
+                    self.window.started = self.window.timer()  # set-up time is not throughput
+                    self._train_started = time.perf_counter()
+                    if progress.step:  # resumed: start the bar where the run stopped
+                        self.tracker.advance(progress.step, None, self.scheduler.get_last_lr()[0], 0.0, logged=False)
+                    self.train()
+                    self.clock.switch("finish")  # whatever follows the last step is not training
+                    eval_record = self.run_evaluation()
+                with self.clock.phase("save"):
+                    final_dir = self._save_final()
+                self.tracker.stop_bar()
+                plots, plotted = self._write_plots(), True
+                self._print_summary(eval_record, final_dir, plots)
+        finally:
+            if not plotted:  # a run stopped by an error or a signal: plots of what it logged
+                self._write_plots()
+        units, seconds = self._throughput()
+        return RunResult(self.run_dir, progress.step, self.last_loss, units, seconds, self.unit)
+
+    def run_evaluation(self) -> Optional[Dict[str, float]]:
+        """Evaluate (and show sample generations) at the current step, timed as evaluation."""
+        with self.clock.phase("eval"):
+            record = self.evaluate()
+            if record:
+                self.tracker.log(self.progress.step, record, split="eval")
+            self.show_samples()
+        return record
+
+    def show_samples(self) -> None:
+        """Generations of the policy at an evaluation (offline policy algorithms); nothing by default."""
+
+    def _throughput(self) -> Tuple[int, float]:
+        """(units trained by this session, seconds of training steps): the figure the last
+        progress line showed, which the summary repeats."""
+        if self.throughput is not None and self.progress.step == self.total_steps:
+            return self.throughput
+        return self.progress.units_total - self.units_before, self.clock.seconds("train")
+
+    def _show_progress(self, step: int, lr: float, loss: Optional[float]) -> None:
+        """Progress after every step: the bar's count always; its figures at logging steps (``loss``
+        given) and otherwise at most twice a second (reading the running loss is a device sync)."""
+        tracker = self.tracker
+        if not tracker.enabled:
+            return
+        logged = loss is not None
+        now = time.perf_counter()
+        if not logged and (not tracker.bar or now - self._shown_at < 0.5):
+            tracker.advance(step, None, lr, 0.0, logged=False)
+            return
+        self._shown_at = now
+        if loss is None:
+            loss = self.window.running_mean("loss")
+        # units not yet reduced across processes: this process's share times the process count
+        pending = int(self.window.units) * self.accelerator.num_processes
+        units = self.progress.units_total - self.units_before + pending
+        if step == self.total_steps:  # training ends with the last step's figures: the summary repeats them
+            self.clock.switch("finish")
+        seconds = self.clock.seconds("train")
+        if logged:
+            self.throughput = (units, seconds)
+        done = step - self.steps_before
+        eta = (now - self._train_started) / done * (self.total_steps - step) if done > 0 else None
+        tracker.advance(step, loss, lr, rate(units, seconds), eta, logged=logged)
+
+    def _write_plots(self) -> List[Path]:
+        """PNGs of the logged metrics into RUN_DIR/plots; a failure is a warning, never an error."""
+        if not self.accelerator.is_main_process:
+            return []
+        try:
+            from alignctl.plots import write_run_plots
+
+            return write_run_plots(self.run_dir)
+        except Exception as exc:  # plotting must never fail a run that trained
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            self.tracker.warn(f"plots were not written ({reason}); run `alignctl plot {self.run_dir}` to retry")
+            return []
 
     def batches(self, loader) -> Iterator[Any]:
         """The loader's batches from where ``progress`` stands, epoch after epoch, until the last
@@ -207,14 +290,14 @@ class RunShell:
             if progress.skipped_nonfinite:
                 record["skipped_nonfinite"] = progress.skipped_nonfinite
             self.tracker.log(step, record)
-            self.tracker.advance(step, record["loss"], lr, record[f"{self.unit}_per_s"])
+            self._show_progress(step, lr, record["loss"])
             warning = self.uniform_watch.see(record["loss"])
             if warning:
                 self.tracker.print(f"[yellow]warning:[/] {warning}")
+        else:
+            self._show_progress(step, lr, None)
         if tcfg.eval_steps > 0 and step % tcfg.eval_steps == 0 and step < self.total_steps:
-            eval_record = self.evaluate()
-            if eval_record:
-                self.tracker.log(step, eval_record, split="eval")
+            self.run_evaluation()
         if tcfg.save_steps > 0 and step % tcfg.save_steps == 0 and step < self.total_steps:
             self.save_checkpoint()
         # After the last step the run just finishes (its final save is the checkpoint that matters).
@@ -255,6 +338,10 @@ class RunShell:
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
+        with self.clock.phase("save"):
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path:
         accelerator, progress = self.accelerator, self.progress
         accelerator.wait_for_everyone()
         path = checkpoint_path(self.run_dir, progress.step)
@@ -265,7 +352,7 @@ class RunShell:
             state: Dict[str, Any] = {}
 
             def write(folder: Path) -> None:
-                self._write_model(model, folder / "model", merge=False, gathered=gathered)
+                self._write_model(model, folder / "model", merge=False, gathered=gathered, final_folder=path / "model")
                 if gathered is None:  # sharded runs keep the weights only (see read_training_state)
                     state.update(
                         write_training_state(
@@ -286,18 +373,20 @@ class RunShell:
             merge = bool(self.job.peft.merge_on_save) and self.job.peft.method != "none"
 
             def write_final(folder: Path) -> None:
-                self._write_model(model, folder, merge=merge, gathered=gathered)
+                self._write_model(model, folder, merge=merge, gathered=gathered, final_folder=final_dir)
                 write_config(self.job, folder)
 
             write_atomically(final_dir, write_final)
         self.accelerator.wait_for_everyone()
         return final_dir
 
-    def _write_model(self, model: torch.nn.Module, folder: Path, merge: bool, gathered) -> None:
+    def _write_model(self, model: torch.nn.Module, folder: Path, merge: bool, gathered, final_folder: Path) -> None:
+        """``folder``: the temporary folder of an atomic save, renamed to ``final_folder`` when complete
+        (a LoRA adapter records its base by absolute path, so it needs the final place)."""
         from alignctl.models.policy import save_model
 
         save_model(self.algorithm.unwrap_for_save(model), folder, processors=self.processors,
-                   merge_adapter=merge, state_dict=gathered)
+                   merge_adapter=merge, state_dict=gathered, model_cfg=self.job.model, final_folder=final_folder)
         if hasattr(self.algorithm, "save_extras"):  # e.g. PPO's value head
             self.algorithm.save_extras(model, folder)
 
@@ -326,17 +415,23 @@ class RunShell:
         prefix = next((name + "." for name, module in outer.named_modules() if module is saved and name), "")
         return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in full.items()}
 
-    def _print_summary(self, wall: float, eval_record: Optional[Dict[str, float]], final_dir: Path) -> None:
+    def _print_summary(self, eval_record: Optional[Dict[str, float]], final_dir: Path, plots: List[Path]) -> None:
+        """The summary table (console and console.log) and summary.json."""
         if not self.accelerator.is_main_process:
             return
         progress, unit = self.progress, self.unit
+        units, seconds = self._throughput()
+        phases = self.clock.breakdown()
+        wall = self.clock.total()
         rows = [
             ("algorithm", self.title),
             ("steps", str(progress.step)),
             *self.summary_rows(),
             (unit, f"{progress.units_total:,}"),
-            ("wall time", f"{wall:.1f} s"),
-            (f"{unit}/s", f"{(progress.units_total - self.units_before) / max(wall, 1e-9):,.1f}"),
+            ("wall time", f"{wall:.1f} s (set-up {phases['setup']:.1f}, training {phases['train']:.1f}, "
+                          f"evaluation {phases['eval']:.1f}, saving {phases['save']:.1f}, "
+                          f"plots and summary {phases['finish']:.1f})"),
+            (f"{unit}/s", f"{rate(units, seconds):,.1f} (over the training steps' time)"),
             ("final train loss", f"{self.last_loss:.4f}"),
         ]
         rows += self.late_summary_rows()
@@ -345,8 +440,22 @@ class RunShell:
         if progress.skipped_nonfinite:
             rows.append(("skipped batches", f"{progress.skipped_nonfinite} (non-finite loss)"))
         rows += self.notes
+        precision = self.job.precision
+        rows.append(("precision", precision.name + (f" ({precision.auto_reason})" if precision.get("auto_reason") else "")))
         rows += [("run directory", str(self.run_dir)), ("model saved to", str(final_dir))]
-        print_summary("alignctl run summary", rows)
+        if plots:
+            rows.append(("plots", str(plots[0].parent)))
+        print_summary("alignctl run summary", rows, self.tracker)
+        write_summary(self.run_dir, rows, {
+            "algorithm": self.title, "steps": progress.step, "unit": unit, "units": progress.units_total,
+            "units_per_s": rate(units, seconds), "wall_s": wall, "phase_s": phases,
+            "final_train_loss": self.last_loss, "final_eval": eval_record or None,
+            **self.summary_values(), "run_dir": str(self.run_dir), "final_model": str(final_dir),
+        })
+
+    def summary_values(self) -> Dict[str, Any]:
+        """Loop-specific figures of summary.json (train and eval example counts, ...)."""
+        return {}
 
     def late_summary_rows(self) -> List[Tuple[str, str]]:
         """Rows shown after the final loss (padding share, final reward, ...)."""
