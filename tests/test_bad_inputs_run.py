@@ -232,6 +232,8 @@ CASES = [
     bad("algo.beta=-0.5", "algo.beta=-0.5: must be > 0", "smoke/orpo"),
     bad("algo.beta=0", "algo.beta=0.0: must be > 0", "smoke/kto"),
     bad("algo.label_smoothing=0.7", "algo.label_smoothing=0.7: must be in [0, 0.5]", "smoke/dpo"),
+    bad("algo.f_alpha_divergence_coef=inf", "algo.f_alpha_divergence_coef=inf: must be a finite number", "smoke/dpo"),
+    bad("algo.alpha=nan", "algo.alpha=nan: must be a finite number (0: off)", "smoke/cpo"),
     bad("algo.max_prompt_length=0", "algo.max_prompt_length=0: must be >= 1", "smoke/dpo"),
     bad("algo.max_prompt_length=64", "algo.max_prompt_length=64 must be < algo.max_length=64", "smoke/dpo"),
     bad("algo.loss_type=sigmod", "algo.loss_type='sigmod': use one of sigmoid, hinge", "smoke/dpo"),
