@@ -76,6 +76,11 @@ def test_reference_copy_is_held_in_the_half_type_under_mixed_precision(name, dty
     reference = ReferenceModel.build(job, policy, tokenizer, reference_free=False)
     assert {p.dtype for p in reference.model.parameters()} == {dtype}
     assert {p.dtype for p in policy.parameters()} == {torch.float32}  # master weights stay fp32
+    # built parameter by parameter in the half type: the policy's values rounded once, nothing shared
+    for (name, held), start in zip(reference.model.named_parameters(), policy.parameters()):
+        assert torch.equal(held, start.detach().to(dtype)) and held.data_ptr() != start.data_ptr(), name
+    tied = lambda m: m.get_output_embeddings().weight is m.get_input_embeddings().weight  # noqa: E731
+    assert tied(reference.model) == tied(policy)
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "seq_lengths": torch.tensor([5])}
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if name == "bf16" else None

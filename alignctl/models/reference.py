@@ -35,6 +35,20 @@ def reference_dtype(precision: str) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def frozen_copy(policy: torch.nn.Module, dtype: Optional[torch.dtype]) -> torch.nn.Module:
+    """A deep copy of ``policy`` whose floating-point parameters are created directly in ``dtype``
+    (None: as they are), so no full-precision copy exists even for a moment (SmolLM2-135M under
+    bf16: 269 MB allocated instead of 538 MB then cast). Tied parameters stay tied: deepcopy's memo
+    maps each parameter object to its one copy."""
+    if dtype is None:
+        return copy.deepcopy(policy)
+    memo = {}
+    for param in policy.parameters():
+        if id(param) not in memo and param.is_floating_point():
+            memo[id(param)] = torch.nn.Parameter(param.detach().to(dtype, copy=True), requires_grad=False)
+    return copy.deepcopy(policy, memo)
+
+
 class ReferenceModel:
     def __init__(self, mode: str, model: Optional[torch.nn.Module] = None, chunk_size: int = 1024):
         self.mode = mode
@@ -56,7 +70,7 @@ class ReferenceModel:
         elif is_peft_model(policy):
             return cls("adapter", policy, chunk_size=chunk)
         else:
-            ref = copy.deepcopy(policy)
+            ref = frozen_copy(policy, reference_dtype(job.precision.name))
         ref.eval()
         ref.requires_grad_(False)
         disable_dropout(ref)
