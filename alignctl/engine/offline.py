@@ -173,16 +173,10 @@ class OfflineLoop(RunShell):
         """Mean of every metric over the eval set (batch means, averaged over batches and processes)."""
         if self.eval_loader is None:
             return None
-        self.model.eval()
-        window = MetricWindow(self.unit)
-        with torch.no_grad(), self.tracker.task(f"eval @ step {self.progress.step}", len(self.eval_loader)) as bar:
-            for batch in self.eval_loader:
-                loss, metrics = self.algorithm.compute_loss(self.model, batch, train=False)
-                window.add(loss.detach(), metrics, batch["seq_lengths"].sum())
-                bar.advance()
+        with self.tracker.task(f"eval @ step {self.progress.step}", len(self.eval_loader)) as bar:
+            record = evaluate_batches(self.algorithm, self.model, self.eval_loader, self.accelerator, self.unit,
+                                      on_batch=bar.advance)
         self.model.train()
-        record, _ = window.flush(self.accelerator)
-        record.pop(f"{self.unit}_per_s", None)
         return record
 
     def show_samples(self) -> None:
@@ -212,3 +206,20 @@ class OfflineLoop(RunShell):
 def _uniform_loss(model: torch.nn.Module) -> Optional[float]:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     return math.log(vocab) if isinstance(vocab, int) and vocab > 1 else None
+
+
+def evaluate_batches(algorithm, model, loader, accelerator, unit: str = "tokens",
+                     on_batch: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """Mean of every metric of ``algorithm.compute_loss`` over ``loader`` (batch means, averaged over
+    batches and processes), the model in eval mode: the loop's evaluation and `alignctl eval`."""
+    model.eval()
+    window = MetricWindow(unit)
+    with torch.no_grad():
+        for batch in loader:
+            loss, metrics = algorithm.compute_loss(model, batch, train=False)
+            window.add(loss.detach(), metrics, batch["seq_lengths"].sum())
+            if on_batch is not None:
+                on_batch()
+    record, _ = window.flush(accelerator)
+    record.pop(f"{unit}_per_s", None)
+    return record

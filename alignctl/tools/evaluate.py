@@ -11,7 +11,7 @@
 The numbers are the training loop's own: the job is the run's ``config.yaml`` (with the overrides
 on top), the algorithm builds its policy and reference exactly as for training, the trained
 weights are loaded into that policy, and the batches go through the algorithm's ``compute_loss``
-and the loop's averaging (``MetricWindow``), as ``OfflineLoop.evaluate`` does at the end of a run.
+and the loop's own averaging (``engine.offline.evaluate_batches``, which the training loop's evaluation calls).
 Rows evaluated: the data set's eval split (or its held-out ``eval_fraction``), else every row.
 """
 
@@ -177,10 +177,9 @@ def evaluate(saved: SavedModel, job: DictConfig, family: str) -> Dict[str, Any]:
     metrics over the eval batches as the training loop does."""
     from accelerate import Accelerator
 
-    from alignctl.engine.offline import PreparedData
+    from alignctl.engine.offline import evaluate_batches
     from alignctl.engine.optim import check_precision
     from alignctl.engine.run import _fresh_accelerator_state
-    from alignctl.engine.window import MetricWindow
     from alignctl.models.load import load_tokenizer
 
     algorithm = _algorithm(family, job)
@@ -195,14 +194,7 @@ def evaluate(saved: SavedModel, job: DictConfig, family: str) -> Dict[str, Any]:
     batch_size = job.train.per_device_eval_batch_size or job.train.per_device_batch_size
     loader = torch.utils.data.DataLoader(data.eval, batch_size=batch_size, collate_fn=data.collate)
     model, loader = accelerator.prepare(model, loader)
-    model.eval()
-    window = MetricWindow("tokens")
-    with torch.no_grad():
-        for batch in loader:
-            loss, metrics = algorithm.compute_loss(model, batch, train=False)
-            window.add(loss.detach(), metrics, batch["seq_lengths"].sum())
-    record, _ = window.flush(accelerator)
-    record.pop("tokens_per_s", None)
+    record = evaluate_batches(algorithm, model, loader, accelerator)
     return {
         "model": saved.describe(),
         "run_dir": str(saved.run_dir) if saved.run_dir else None,
