@@ -152,3 +152,17 @@ def test_override_without_group_gets_did_you_mean(capsys, tmp_path, monkeypatch,
 def test_unknown_bare_key_keeps_hydras_message(capsys):
     code, _, err = run(capsys, "train", "learning_rate=1e-3")
     assert code == 2 and "unknown config key 'learning_rate'" in err
+
+
+
+
+def test_a_closed_pipe_ends_quietly():
+    """The reader leaves before alignctl writes (`alignctl --help | true`, or `| head` on a long
+    listing): no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    for command in ("--help", "list algo=dpo"):
+        reader = subprocess.run(f"{sys.executable} -m alignctl.cli {command} | true", shell=True,
+                                capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in reader.stderr and "BrokenPipe" not in reader.stderr, (command, reader.stderr)
