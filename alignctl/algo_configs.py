@@ -53,7 +53,8 @@ class PairwiseDataConfig:
     truncation: str = "answers"
     # Padding-free batches: every sequence of a batch end to end in one row, no padding computed,
     # attention confined to each sequence. null: on where the attention kernel supports it
-    # (sdpa, flash_attention_2/3, eager); true: required; false: padded batches. Not for reward.
+    # (sdpa, flash_attention_2/3, eager; reward models: decoder classifiers and BERT); true:
+    # required; false: padded batches.
     padding_free: Optional[bool] = None
 
 

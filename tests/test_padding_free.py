@@ -152,3 +152,33 @@ def test_sft_padding_free_matches_padded(packing):
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bucketed_length_bounds_the_lengths_the_kernel_sees():
+    from alignctl.models.varlen import bucketed_length
+
+    assert [bucketed_length(n) for n in (1, 64, 65, 180, 257, 1000, 1025, 3000)] == [64, 64, 128, 192, 320, 1024, 1280, 3072]
+    lengths = {bucketed_length(n) for n in range(1, 4097)}
+    assert len(lengths) == 20  # 64 apart up to 512, then at most 8 an octave
+    assert all(0 <= bucketed_length(n) - n < max(64, n / 4) for n in range(1, 4097))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bucketed_bf16_attention_equals_the_exact_length_kernel(causal):
+    """On a CPU in bf16 each sequence is zero-padded to a bucketed length (torch keeps a compiled
+    kernel per length); real queries must get exactly what the unpadded call gives, and so must
+    the gradients."""
+    from alignctl.models.varlen import _sequence_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 90, 16, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, 90, 16, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 2, 90, 16, dtype=torch.bfloat16, requires_grad=True)
+    weights = torch.randn(1, 4, 90, 16)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    bucketed = _sequence_attention(q, k, v, causal, 0.0, None, True)
+    assert bucketed.shape == exact.shape
+    torch.testing.assert_close(bucketed.float(), exact.float(), rtol=1e-2, atol=1e-2)
+    grads = [torch.autograd.grad((out.float() * weights).sum(), (q, k, v)) for out in (exact, bucketed)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)

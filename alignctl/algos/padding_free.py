@@ -8,7 +8,7 @@ packed rows), and the models' attention is confined to each sequence (models.var
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -26,22 +26,27 @@ def use_padding_free(
     data: PreparedData,
     *models: Optional[torch.nn.Module],
     convert: Callable[[Batch], Batch] = unpad_batch,
+    support: Callable[[torch.nn.Module], Tuple[bool, str]] = padding_free_support,
+    enable: Callable[[torch.nn.Module], str] = enable_padding_free,
 ) -> bool:
     """Apply ``algo.padding_free`` (null: on where every held model's attention kernel supports
-    it) to ``data.collate`` and ``models``; the summary says whether it is on and why. True if on."""
+    it) to ``data.collate`` and ``models``; the summary says whether it is on and why. True if on.
+
+    ``support``/``enable`` check and switch one model (causal LMs by default; reward models pass
+    their own)."""
     setting = job.algo.padding_free
     if setting is False:
         data.notes.append(("padding-free", "off (algo.padding_free=false)"))
         return False
     held = [m for m in models if m is not None]
     for model in held:
-        ok, reason = padding_free_support(model)
+        ok, reason = support(model)
         if not ok:
             if setting:
                 raise ConfigError(f"algo.padding_free=true: {reason}; set algo.padding_free=false")
             data.notes.append(("padding-free", f"off ({reason})"))
             return False
-    how = [enable_padding_free(m) for m in held][0]
+    how = [enable(m) for m in held][0]
     data.collate = partial(_converted, convert, data.collate)
     data.notes.append(("padding-free", f"on ({how})"))
     return True

@@ -12,12 +12,13 @@ from typing import Dict, Tuple
 import torch
 from omegaconf import DictConfig
 
-from alignctl.errors import ConfigError
+from alignctl.algos.padding_free import use_padding_free
 from alignctl.engine.offline import Metrics, PreparedData, RunResult, run_offline
 from alignctl.algos.preference import prepare_pair_data, split_pairs
 from alignctl.losses.reward import reward_accuracy, reward_loss
 from alignctl.models.policy import build_policy
 from alignctl.models.reference import disable_dropout
+from alignctl.models.reward_scorer import RewardScorer, enable_scorer_padding_free, scorer_padding_free_support
 
 
 class RewardAlgorithm:
@@ -25,11 +26,6 @@ class RewardAlgorithm:
         self.cfg = cfg
 
     def prepare_data(self, job: DictConfig, tokenizer) -> PreparedData:
-        if self.cfg.padding_free:
-            raise ConfigError(
-                "algo.padding_free=true: reward models score each sequence from its own padded row; "
-                "padding-free batches are for dpo, cpo, orpo and kto (set algo.padding_free=null)"
-            )
         return prepare_pair_data(job, tokenizer)
 
     def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
@@ -37,13 +33,18 @@ class RewardAlgorithm:
         # As the reference library's RewardTrainer (disable_dropout=True): deterministic rewards,
         # and no dropout masks kept for backward.
         disable_dropout(model)
-        return model
+        return RewardScorer(model)
 
     def setup(self, job, accelerator, model, data) -> None:
-        return None
+        use_padding_free(job, data, model, support=scorer_padding_free_support, enable=enable_scorer_padding_free)
 
     def compute_loss(self, model, batch: Dict[str, torch.Tensor], train: bool) -> Tuple[torch.Tensor, Metrics]:
-        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
+        rewards = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            cu_seq_lens=batch.get("cu_seq_lens"),
+        )
         chosen, rejected = split_pairs(rewards)
         loss = reward_loss(
             chosen,
@@ -60,7 +61,7 @@ class RewardAlgorithm:
         }
 
     def unwrap_for_save(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
+        return model.model
 
 
 def run_reward(job: DictConfig) -> RunResult:

@@ -8,8 +8,8 @@ sequence boundaries) beside it. The attention kernels take it as follows:
   ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments directly.
 - ``sdpa`` (CPU and GPU): transformers would build a block-diagonal ``[N, N]`` mask from the
   restarting position ids, which sends torch's SDPA to its slow masked kernel and spends
-  ``N^2`` work on pairs that are masked out. :data:`VARLEN_SDPA` instead runs causal SDPA on each
-  sequence's slice (the fast ``is_causal`` kernel, ``sum(len^2)`` work); every other call (padded
+  ``N^2`` work on pairs that are masked out. :data:`VARLEN_SDPA` instead runs SDPA on each
+  sequence's slice (causal for decoders: the fast ``is_causal`` kernel, ``sum(len^2)`` work); every other call (padded
   batches, generation, sliding-window layers) goes to transformers' own ``sdpa`` unchanged.
 - ``eager``: transformers' block-diagonal mask from the position ids (correct, no speed-up).
 """
@@ -37,22 +37,43 @@ def _varlen_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0,
     if cu is None or query.shape[0] != 1 or plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
+    causal = getattr(module, "is_causal", True)  # encoders (BERT reward models) attend both ways
     bounds = cu.tolist()
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        outs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=True,
-                enable_gqa=groups > 1,
-            )
-        )
+    outs = [
+        _sequence_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], causal, dropout, scaling, groups > 1)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def bucketed_length(n: int) -> int:
+    """``n`` rounded up to a multiple of max(64, its next power of two / 8): 64 apart up to 512,
+    then 8 lengths an octave (20 up to 4,096), never more than a quarter longer (or 63 tokens)."""
+    granule = max(64, (1 << (n - 1).bit_length()) // 8)
+    return -(-n // granule) * granule
+
+
+def _sequence_attention(q, k, v, causal: bool, dropout: float, scale, gqa: bool) -> torch.Tensor:
+    """SDPA over one sequence ``[1, H, n, D]``.
+
+    On a CPU in bf16/fp16, torch's fused kernel keeps a compiled kernel for every sequence length
+    it meets and never frees it (about 5 MB each; 0.3 GB over 57 lengths, measured): a long run
+    of padding-free batches would grow without bound. There the sequence is zero-padded to
+    :func:`bucketed_length`, so few lengths ever reach the kernel. Real queries never see the
+    extra keys (they come after them under a causal mask; a key mask hides them otherwise), and
+    the extra queries' outputs are dropped."""
+    n = q.shape[2]
+    padded = bucketed_length(n) if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else n
+    mask = None
+    if padded != n:
+        q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
+        if not causal:
+            mask = (torch.arange(padded, device=q.device) < n).view(1, 1, 1, padded)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=causal, enable_gqa=gqa
+    )
+    return out[:, :, :n]
 
 
 def register_varlen_sdpa() -> None:
