@@ -38,7 +38,7 @@ class PPOTrainer:
         optimizer: Optional[torch.optim.Optimizer] = None,
         *,
         temperature: float = 1.0,
-        logps_chunk_size: int = 1024,
+        logps_chunk_size: int = 256,
         **settings: Any,
     ) -> None:
         from accelerate import Accelerator
@@ -170,7 +170,7 @@ class IterativeSFTTrainer:
         max_length: Optional[int] = None,
         truncation_mode: str = "keep_end",
         max_grad_norm: Optional[float] = 1.0,
-        logps_chunk_size: int = 1024,
+        logps_chunk_size: int = 256,
     ) -> None:
         from accelerate import Accelerator
 

@@ -64,6 +64,7 @@ RANGES: Sequence[Range] = (
     Range("train.save_steps", at_least(0), ">= 0 (0: no checkpoints during training)"),
     Range("train.save_total_limit", at_least(1), ">= 1 (or null: keep every checkpoint)", optional=True),
     Range("train.logps_chunk_size", at_least(1), ">= 1"),
+    Range("train.memory_budget_gb", positive, "> 0 (or null: 90% of the GPU's memory / of what the process can have)", optional=True),
     Range("train.length_group_batches", at_least(1), ">= 1"),
     Range("train.max_consecutive_nonfinite", at_least(1), ">= 1"),
     Range("dataset.eval_fraction", unit_interval, "in [0, 1) (or null: auto, 5% of data sets of >= 2,000 rows)", optional=True),

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from alignctl.data.collate import example_length
 from alignctl.engine.guards import loss_is_finite
+from alignctl.engine.memory_plan import plan_checkpointing
 from alignctl.engine.optim import build_optimizer, build_scheduler, plan_steps
 from alignctl.engine.run import RunResult, RunShell
 from alignctl.engine.window import Metrics, MetricWindow
@@ -103,6 +104,8 @@ class OfflineLoop(RunShell):
         self.notes = self.data.notes  # one list: set-up (reference precompute, resume) adds to it
         model = self.algorithm.build_model(job, tokenizer)
         self.algorithm.setup(job, accelerator, model, self.data)
+        reference = getattr(getattr(self.algorithm, "reference", None), "model", None)
+        plan_checkpointing(job, self.algorithm.unwrap_for_save(model), [reference], accelerator.device, self.notes)
         if getattr(self.algorithm, "token_level_loss", False):  # mean NLL per token: uniform = ln(vocab)
             self.uniform_loss = _uniform_loss(self.algorithm.unwrap_for_save(model))
 

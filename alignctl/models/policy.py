@@ -9,6 +9,7 @@ import torch
 from alignctl.config import JobConfig
 from alignctl.errors import ConfigError
 from alignctl.models.load import load_causal_lm, load_reward_model
+from alignctl.engine.memory_plan import enable_checkpointing
 from alignctl.models.peft_wrap import check_qlora_possible, qlora_load_kwargs, wrap_lora
 
 
@@ -30,7 +31,7 @@ def build_policy(job: JobConfig, tokenizer, *, reward_head: bool = False):
         model = load_causal_lm(job.model, tokenizer, extra_kwargs=extra)
     model.config.use_cache = False
     if job.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if method in ("lora", "qlora"):
         task_type = "SEQ_CLS" if reward_head else "CAUSAL_LM"
         model = wrap_lora(model, job.peft, job.train.gradient_checkpointing, task_type=task_type)
