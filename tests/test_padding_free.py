@@ -164,21 +164,36 @@ def test_bucketed_length_bounds_the_lengths_the_kernel_sees():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_bucketed_bf16_attention_equals_the_exact_length_kernel(causal):
-    """On a CPU in bf16 each sequence is zero-padded to a bucketed length (torch keeps a compiled
-    kernel per length); real queries must get exactly what the unpadded call gives, and so must
-    the gradients."""
-    from alignctl.models.varlen import _sequence_attention
+@pytest.mark.parametrize("inputs", ["bf16", "fp32 under autocast"])
+def test_bucketed_half_attention_equals_the_exact_length_kernel(causal, inputs, monkeypatch):
+    """On a CPU in bf16 (bf16 inputs, or fp32 ones that autocast casts: rotary embeddings promote
+    queries to fp32) each sequence is zero-padded to a bucketed length, as torch keeps a compiled
+    kernel per length; real queries must get what the unpadded call gives, and so must the
+    gradients."""
+    from alignctl.models import varlen
 
+    seen = []
+    monkeypatch.setattr(varlen, "bucketed_length", lambda n: seen.append(n) or 128)
     torch.manual_seed(0)
-    q = torch.randn(1, 4, 90, 16, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, 2, 90, 16, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, 2, 90, 16, dtype=torch.bfloat16, requires_grad=True)
+    dtype = torch.bfloat16 if inputs == "bf16" else torch.float32
+    q = torch.randn(1, 4, 90, 16, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, 2, 90, 16, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, 2, 90, 16, dtype=dtype, requires_grad=True)
     weights = torch.randn(1, 4, 90, 16)
-    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-    bucketed = _sequence_attention(q, k, v, causal, 0.0, None, True)
-    assert bucketed.shape == exact.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inputs != "bf16"):
+        exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        bucketed = varlen._sequence_attention(q, k, v, causal, 0.0, None, True)
+    assert seen == [90]  # the bucketed path ran
+    assert bucketed.shape == exact.shape and bucketed.dtype == exact.dtype
     torch.testing.assert_close(bucketed.float(), exact.float(), rtol=1e-2, atol=1e-2)
     grads = [torch.autograd.grad((out.float() * weights).sum(), (q, k, v)) for out in (exact, bucketed)]
     for a, b in zip(*grads):
         torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fp32_attention_keeps_exact_lengths(monkeypatch):
+    from alignctl.models import varlen
+
+    monkeypatch.setattr(varlen, "bucketed_length", lambda n: pytest.fail("fp32 attention was padded"))
+    q = torch.randn(1, 2, 10, 8)
+    assert varlen._sequence_attention(q, q, q, True, 0.0, None, False).shape == q.shape

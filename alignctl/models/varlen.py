@@ -64,7 +64,7 @@ def _sequence_attention(q, k, v, causal: bool, dropout: float, scale, gqa: bool)
     extra keys (they come after them under a causal mask; a key mask hides them otherwise), and
     the extra queries' outputs are dropped."""
     n = q.shape[2]
-    padded = bucketed_length(n) if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else n
+    padded = bucketed_length(n) if _half_cpu_attention(q) else n
     mask = None
     if padded != n:
         q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
@@ -74,6 +74,15 @@ def _sequence_attention(q, k, v, causal: bool, dropout: float, scale, gqa: bool)
         q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=causal, enable_gqa=gqa
     )
     return out[:, :, :n]
+
+
+def _half_cpu_attention(q: torch.Tensor) -> bool:
+    """Whether SDPA on ``q`` runs the CPU kernel in bf16/fp16: half inputs, or fp32 ones (rotary
+    embeddings promote queries and keys) that autocast casts down."""
+    if q.device.type != "cpu":
+        return False
+    half = (torch.bfloat16, torch.float16)
+    return q.dtype in half or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in half)
 
 
 def register_varlen_sdpa() -> None:
