@@ -19,6 +19,7 @@ process holds plus what the system has available).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
@@ -111,8 +112,6 @@ def memory_budget(job: DictConfig, device: torch.device) -> Tuple[float, str]:
 def resident_bytes() -> float:
     try:
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0.0

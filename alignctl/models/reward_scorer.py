@@ -20,11 +20,12 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from alignctl.models.varlen import NATIVE_VARLEN, SUPPORTED, VARLEN_SDPA, attn_implementation, register_varlen_sdpa, varlen_kwargs
+from alignctl.models.varlen import SUPPORTED, VARLEN_SDPA, attn_implementation, register_varlen_sdpa, varlen_kwargs
 
-# Encoders attend both ways: only kernels that read the sequence boundaries keep them apart
-# (transformers' eager bidirectional mask ignores restarting position ids).
-ENCODER_KERNELS = ("sdpa", VARLEN_SDPA) + NATIVE_VARLEN
+# Encoders attend both ways: alignctl's per-sequence kernel keeps the sequences apart, while
+# transformers' eager bidirectional mask ignores restarting position ids (and the flash kernels'
+# encoder path is not checked here).
+ENCODER_KERNELS = ("sdpa", VARLEN_SDPA)
 
 
 class RewardScorer(nn.Module):
@@ -86,7 +87,7 @@ def scorer_padding_free_support(model: nn.Module) -> Tuple[bool, str]:
     impl = attn_implementation(classifier)
     kernels = ENCODER_KERNELS if pooling == "first" else SUPPORTED
     if impl not in kernels:
-        return False, f"attention implementation {impl!r} cannot keep sequences apart here (use sdpa)"
+        return False, f"attention implementation {impl!r} does not run this model padding-free (use sdpa)"
     if impl in ("sdpa", VARLEN_SDPA):
         return True, "sdpa, one kernel per sequence"
     return True, "eager, block-diagonal mask" if impl == "eager" else f"{impl} varlen"
