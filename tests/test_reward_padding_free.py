@@ -1,16 +1,12 @@
 """Padding-free reward batches: the same rewards, losses and gradients as padded rows."""
 
-from contextlib import nullcontext
-from types import SimpleNamespace
-
 import pytest
 import torch
+from test_padding_free import loss_and_grads, setup_algorithm
 
 from alignctl.algos.reward import RewardAlgorithm
-from alignctl.compose import compose_job
 from alignctl.data.collate import unpad_batch
 from alignctl.errors import ConfigError
-from alignctl.models.load import load_tokenizer
 from alignctl.models.reward_scorer import (
     RewardScorer,
     classifier_of,
@@ -19,28 +15,9 @@ from alignctl.models.reward_scorer import (
 )
 from alignctl.models.varlen import VARLEN_SDPA, attn_implementation
 
-CPU = SimpleNamespace(
-    device=torch.device("cpu"), autocast=nullcontext, num_processes=1, is_main_process=True, unwrap_model=lambda m: m
-)
-
 
 def setup_reward(*overrides):
-    job = compose_job(["recipe=smoke/reward", "precision=fp32", *overrides])
-    algorithm = RewardAlgorithm(job.algo)
-    tokenizer = load_tokenizer(job.model)
-    data = algorithm.prepare_data(job, tokenizer)
-    padded_collate = data.collate
-    model = algorithm.build_model(job, tokenizer)
-    algorithm.setup(job, CPU, model, data)
-    return algorithm, model, data, padded_collate
-
-
-def loss_and_grads(algorithm, model, batch):
-    model.zero_grad(set_to_none=True)
-    loss, metrics = algorithm.compute_loss(model, batch, train=True)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), {k: float(v) for k, v in metrics.items()}, grads
+    return setup_algorithm(RewardAlgorithm, ["recipe=smoke/reward", *overrides])
 
 
 def assert_same_training_signal(algorithm, model, padded, free):

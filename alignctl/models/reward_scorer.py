@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from alignctl.models.varlen import SUPPORTED, VARLEN_SDPA, attn_implementation, register_varlen_sdpa, varlen_kwargs
+from alignctl.models.varlen import SUPPORTED, VARLEN_SDPA, attn_implementation, route_sdpa_per_sequence, varlen_kwargs
 
 # Encoders attend both ways: alignctl's per-sequence kernel keeps the sequences apart, while
 # transformers' eager bidirectional mask ignores restarting position ids (and the flash kernels'
@@ -98,10 +98,7 @@ def enable_scorer_padding_free(model: nn.Module) -> str:
     ok, how = scorer_padding_free_support(model)
     if not ok:
         raise ValueError(how)
-    classifier = classifier_of(model)
-    if attn_implementation(classifier) == "sdpa":
-        register_varlen_sdpa()
-        classifier.set_attn_implementation(VARLEN_SDPA)
+    route_sdpa_per_sequence(classifier_of(model))
     return how
 
 

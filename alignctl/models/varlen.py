@@ -130,11 +130,15 @@ def enable_padding_free(model: torch.nn.Module) -> str:
     ok, how = padding_free_support(model)
     if not ok:
         raise ValueError(how)
-    causal_lm = unwrap_causal_lm(model)
-    if attn_implementation(causal_lm) == "sdpa":
-        register_varlen_sdpa()
-        causal_lm.set_attn_implementation(VARLEN_SDPA)
+    route_sdpa_per_sequence(unwrap_causal_lm(model))
     return how
+
+
+def route_sdpa_per_sequence(model: torch.nn.Module) -> None:
+    """Switch a transformers model using ``sdpa`` to :data:`VARLEN_SDPA` (other kernels unchanged)."""
+    if attn_implementation(model) == "sdpa":
+        register_varlen_sdpa()
+        model.set_attn_implementation(VARLEN_SDPA)
 
 
 def varlen_kwargs(cu_seq_lens: Optional[torch.Tensor]) -> Dict[str, object]:
