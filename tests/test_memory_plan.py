@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alignctl.compose import compose_job
-from alignctl.engine.memory_plan import GB, SLACK, estimate_memory, plan_checkpointing
+from alignctl.engine.memory_plan import SLACK, estimate_memory, plan_checkpointing
 from alignctl.errors import ConfigError
 from alignctl.models.load import load_tokenizer
 from alignctl.models.policy import build_policy

@@ -9,8 +9,9 @@ sequence boundaries) beside it. The attention kernels take it as follows:
 - ``sdpa`` (CPU and GPU): transformers would build a block-diagonal ``[N, N]`` mask from the
   restarting position ids, which sends torch's SDPA to its slow masked kernel and spends
   ``N^2`` work on pairs that are masked out. :data:`VARLEN_SDPA` instead runs SDPA on each
-  sequence's slice (causal for decoders: the fast ``is_causal`` kernel, ``sum(len^2)`` work); every other call (padded
-  batches, generation, sliding-window layers) goes to transformers' own ``sdpa`` unchanged.
+  sequence's slice (causal for decoders: the fast ``is_causal`` kernel, ``sum(len^2)`` work);
+  every other call (padded batches, generation, sliding-window layers) goes to transformers' own
+  ``sdpa`` unchanged.
 - ``eager``: transformers' block-diagonal mask from the position ids (correct, no speed-up).
 """
 
