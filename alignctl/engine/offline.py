@@ -104,6 +104,7 @@ class OfflineLoop(RunShell):
         self.notes = self.data.notes  # one list: set-up (reference precompute, resume) adds to it
         model = self.algorithm.build_model(job, tokenizer)
         self.algorithm.setup(job, accelerator, model, self.data)
+        # a reference the algorithm holds in memory (DPO's / KTO's frozen copy) counts in the estimate
         reference = getattr(getattr(self.algorithm, "reference", None), "model", None)
         plan_checkpointing(job, self.algorithm.unwrap_for_save(model), [reference], accelerator.device, self.notes)
         if getattr(self.algorithm, "token_level_loss", False):  # mean NLL per token: uniform = ln(vocab)

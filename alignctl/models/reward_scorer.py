@@ -20,6 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from alignctl.models.logps import unwrap_causal_lm
 from alignctl.models.varlen import SUPPORTED, VARLEN_SDPA, attn_implementation, route_sdpa_per_sequence, varlen_kwargs
 
 # Encoders attend both ways: alignctl's per-sequence kernel keeps the sequences apart, while
@@ -59,11 +60,10 @@ def classifier_of(model: nn.Module) -> nn.Module:
     """The transformers classifier inside ``model`` (a RewardScorer, a peft model or the classifier).
 
     LoRA layers and peft's trainable copy of the head sit inside the classifier's modules, so calling
-    them runs the adapter."""
+    them runs the adapter (the same unwrapping as the log-prob path's)."""
     if isinstance(model, RewardScorer):
         model = model.model
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+    return unwrap_causal_lm(model)
 
 
 def _pooling(classifier: nn.Module) -> Optional[str]:
