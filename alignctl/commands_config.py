@@ -220,8 +220,11 @@ def cp_command(args: List[str]) -> int:
     dest = _cp_destination(Path(dest_text).expanduser(), name.rpartition("/")[2], dest_text)
     if dest.exists() and not force:
         raise ConfigError(f"cp: {dest} exists; pass --force to overwrite it, or choose another DEST")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+    except OSError as exc:
+        raise ConfigError(f"cp: cannot write {dest} ({exc.strerror or exc}); choose a DEST in a writable folder") from None
     console.print(f"copied {kind} {name} to {dest}", highlight=False, soft_wrap=True)
     for line in _cp_next_steps(kind, name, dest):
         console.print(_escape(line), highlight=False, soft_wrap=True)

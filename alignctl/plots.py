@@ -170,7 +170,10 @@ def plot_command(args: List[str]) -> int:
             name += "'"
         runs[name] = read_metrics(run_dir)
     out_dir = out or (run_dirs[0] / "plots" if len(run_dirs) == 1 else Path("plots"))
-    written = write_plots(runs, out_dir)
+    try:
+        written = write_plots(runs, out_dir)
+    except OSError as exc:
+        raise ConfigError(f"alignctl plot: cannot write into {out_dir} ({exc.strerror or exc}); pass --out a writable folder") from None
     if not written:
         raise ConfigError(f"nothing to plot: {', '.join(map(str, run_dirs))} logged no numeric metrics yet")
     console.print(f"wrote {len(written)} plots into {out_dir} (overview: {written[0]})", highlight=False, soft_wrap=True)

@@ -210,6 +210,12 @@ def test_chat_history_is_rendered_with_the_template(tiny_tokenizer):
     plain.chat_template = None
     assert plain.decode(render(history, plain, transcript=True)) == "User: hi\nAssistant: hello\nUser: how are you\nAssistant:"
     assert plain.decode(render(history[-1:], plain)) == "how are you"  # generate: the text as is
+    # a templated prompt is tokenized as training does: the template's text, no BOS put in front
+    with_bos = copy.deepcopy(tiny_tokenizer)
+    with_bos.bos_token = "<|endoftext|>"
+    assert render(history, with_bos) == with_bos(with_bos.apply_chat_template(
+        history, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert render(history[-1:], with_bos, raw=True)[0] == with_bos.bos_token_id  # a raw text prompt keeps it
 
 
 def test_merge_writes_a_plain_model_with_the_adapters_logits(runs, tmp_path):

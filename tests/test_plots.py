@@ -70,6 +70,11 @@ def test_plot_command_overlays_runs(tmp_path, capsys):
     (runs[0] / "plots" / "loss.png").unlink()
     assert main(["plot", str(runs[0])]) == 0
     check_png(runs[0] / "plots" / "loss.png")
+    # an --out that cannot be a folder is one clear line, not a traceback
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["plot", str(runs[0]), "--out", str(blocker / "plots")]) == 2
+    assert "cannot write into" in capsys.readouterr().err
 
 
 def test_plot_command_refuses_a_folder_that_is_no_run(tmp_path, capsys):

@@ -201,3 +201,17 @@ def test_reward_model_rows_mark_the_scored_last_token(tiny_tokenizer):
     for row in view.rows:
         for sequence in row.sequences:
             assert sequence.loss == [False] * (len(sequence.ids) - 1) + [True]
+
+
+def test_pairs_follow_the_runs_bos_setting(tiny_tokenizer):
+    """The preview tokenizes pairs with the run's own options (algo.add_bos_to_prompt here)."""
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.bos_token = "<|endoftext|>"
+    bos = tokenizer.bos_token_id
+    for setting, starts_with_bos in (("true", True), ("false", False)):
+        view = preview(tokenizer, "algo=dpo", "dataset=smoke_pref", f"algo.add_bos_to_prompt={setting}")
+        for row in view.rows:
+            for sequence in row.sequences:
+                assert (sequence.parts[0].ids[0] == bos) is starts_with_bos, setting

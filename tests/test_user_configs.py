@@ -252,6 +252,9 @@ def test_cp_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert main(["cp", "recipe", "smoke/sft", str(dest), "--force"]) == 0
     assert "alignctl train recipe=" in capsys.readouterr().err
     assert dest.read_text() == (project_root() / "recipes" / "smoke" / "sft.yaml").read_text()
+    # a destination that cannot be written is one clear line, not a traceback
+    assert main(["cp", "recipe", "smoke/sft", str(dest / "sub" / "x.yaml")]) == 2
+    assert "cp: cannot write" in capsys.readouterr().err
 
 
 def test_cp_into_a_folder_and_a_preset_into_a_config_dir(tmp_path, capsys):

@@ -41,11 +41,14 @@ def build_splits(job: DictConfig, tokenizer, build_examples, **extra):
     return raw, build(raw.train), build(raw.eval) if raw.eval else None
 
 
+def pair_options(job: DictConfig) -> Dict[str, object]:
+    """The pairwise tokenization settings beyond the length limits (shared with data preview)."""
+    return {"add_bos_to_prompt": job.algo.add_bos_to_prompt, "truncation": job.algo.truncation}
+
+
 def prepare_pair_data(job: DictConfig, tokenizer) -> PreparedData:
     """Rows -> PairExamples for train and eval, with a collate that keeps precomputed ref log-probs."""
-    raw, train, eval_data = build_splits(
-        job, tokenizer, build_pair_examples, add_bos_to_prompt=job.algo.add_bos_to_prompt, truncation=job.algo.truncation
-    )
+    raw, train, eval_data = build_splits(job, tokenizer, build_pair_examples, **pair_options(job))
     notes = [("data", f"{raw.source} ({train.format}, {len(train.examples)} train pairs"
               + (f", {len(eval_data.examples)} eval pairs)" if eval_data else ")"))]
     if train.skipped:

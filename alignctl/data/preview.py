@@ -307,12 +307,13 @@ def _pair_builder(job, tokenizer, split: str, build, **extra):
 
 
 def _pairs(job, tokenizer, n: int, split: str) -> Preview:
+    from alignctl.algos.preference import pair_options
     from alignctl.data.pairwise import build_pair_examples
 
     cfg = job.algo
-    raw, rows, data = _pair_builder(job, tokenizer, split, build_pair_examples)
+    raw, rows, data = _pair_builder(job, tokenizer, split, build_pair_examples, **pair_options(job))
     lifted = _variant(job, max_length=HUGE, max_prompt_length=HUGE - 1)
-    _, _, full_data = _pair_builder(lifted, tokenizer, split, build_pair_examples)
+    _, _, full_data = _pair_builder(lifted, tokenizer, split, build_pair_examples, **pair_options(job))
     full = {e.row_index: e for e in full_data.examples}
     reward_model = job.algo.name == "reward"
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence
 
+from alignctl.data.encode import IGNORE_INDEX
 from alignctl.errors import ConfigError
 
 DEFAULT_COUNT = 3
 # Offline algorithms whose model is a policy that can answer a prompt (reward trains a scorer).
 POLICY_ALGOS = ("sft", "dpo", "cpo", "orpo", "kto")
-IGNORE_INDEX = -100
 
 
 def check_sample_prompts(job: Any) -> None:

@@ -145,13 +145,14 @@ def load_causal(target: str, overrides: Sequence[str] = ()):
 def render(messages: List[Dict[str, str]], tokenizer, raw: bool = False, transcript: bool = False) -> List[int]:
     """Prompt ids: the chat template with the assistant cue; without a template, a plain
     "User:/Assistant:" transcript (``transcript``, for chat) or the last message's text as is."""
-    from alignctl.data.encode import encode_prompt
+    from alignctl.data.encode import encode_prompt, render_chat_prompt
 
     if raw:
         return encode_prompt(tokenizer, messages[-1]["content"])
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    elif not transcript:
+        # as training tokenizes a templated prompt: the template's text as is, no BOS added
+        return tokenizer(render_chat_prompt(tokenizer, messages, 0), add_special_tokens=False)["input_ids"]
+    if not transcript:
         text = messages[-1]["content"]
     else:
         turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]

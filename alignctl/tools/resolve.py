@@ -37,7 +37,7 @@ class SavedModel:
 
     @property
     def adapter_config(self) -> Dict[str, Any]:
-        return json.loads((self.folder / ADAPTER_CONFIG).read_text(encoding="utf-8")) if self.kind == "adapter" else {}
+        return _read_json(self.folder / ADAPTER_CONFIG) if self.kind == "adapter" else {}
 
     @property
     def is_reward_model(self) -> bool:
