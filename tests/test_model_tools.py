@@ -279,3 +279,37 @@ def test_a_gguf_file_is_named_by_path_or_by_folder_and_model_gguf_file(tmp_path)
     assert resolve(str(tmp_path / "m.Q4.gguf")).gguf_file == "m.Q4.gguf"
     with pytest.raises(ModelLoadError, match="no such file"):
         resolve_args(str(tmp_path), ["model.gguf_file=other.gguf"])
+
+
+def test_loading_a_run_keeps_its_remote_code_consent_kernel_and_revision(tmp_path, monkeypatch):
+    """generate/chat/merge/eval load a run's model with the settings training used."""
+    from omegaconf import OmegaConf
+
+    import alignctl.models.load as load
+    from alignctl.tools import resolve as tool
+
+    calls = []
+
+    def fake_from_pretrained(auto_cls, source, kwargs, what, key=None):
+        calls.append((what, source, dict(kwargs)))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(load, "_from_pretrained", fake_from_pretrained)
+    run = OmegaConf.create({"model": {"name_or_path": "org/custom", "revision": "v2", "trust_remote_code": True,
+                                      "attn_implementation": "eager"}})
+    (tmp_path / "tokenizer.json").write_text("{}")
+    full = tool.SavedModel("x", tmp_path, "full", run_config=run)
+    for step in (lambda: tool.load_tokenizer(full), lambda: tool._load_plain(str(tmp_path), tool._model_kwargs(full),
+                                                                              False, key=tool.ARG)):
+        with pytest.raises(RuntimeError):
+            step()
+    assert calls[0][2] == {"trust_remote_code": True}
+    assert calls[1][2] == {"dtype": "float32", "trust_remote_code": True, "attn_implementation": "eager"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/custom"}))
+    adapter = tool.SavedModel("x", tmp_path, "adapter", run_config=run)
+    with pytest.raises(RuntimeError):
+        tool.base_model(adapter, None)
+    assert calls[2][1:] == ("org/custom", {"dtype": "float32", "trust_remote_code": True,
+                                           "attn_implementation": "eager", "revision": "v2"})
+    plain = tool.SavedModel("x", tmp_path, "full")  # no run config: safe defaults
+    assert tool._model_kwargs(plain) == {"dtype": "float32"}

@@ -49,6 +49,20 @@ class SavedModel:
             return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
         return False
 
+    def run_model_setting(self, name: str):
+        """A ``model.*`` setting of the training run (None when no run config is known): loading
+        honours the run's ``trust_remote_code`` and ``attn_implementation`` as training did."""
+        if self.run_config is None or "model" not in self.run_config:
+            return None
+        return self.run_config.model.get(name)
+
+    def load_kwargs(self) -> Dict[str, Any]:
+        """from_pretrained settings carried over from the training run."""
+        kwargs: Dict[str, Any] = {}
+        if self.run_model_setting("trust_remote_code"):
+            kwargs["trust_remote_code"] = True
+        return kwargs
+
     def describe(self) -> str:
         what = {"full": "full model", "adapter": "LoRA adapter", "gguf": "GGUF file", "hub": "hub model"}[self.kind]
         return f"{what} {self.folder / self.gguf_file if self.gguf_file else self.folder or self.source}"
@@ -163,12 +177,13 @@ def load_tokenizer(saved: SavedModel):
 
     from alignctl.models.load import _from_pretrained
 
+    kwargs = saved.load_kwargs()
     if saved.kind == "hub":
-        source, kwargs = saved.source, {}
+        source = saved.source
     elif saved.kind == "gguf":
-        source, kwargs = str(saved.folder), {"gguf_file": saved.gguf_file}
+        source, kwargs["gguf_file"] = str(saved.folder), saved.gguf_file
     else:
-        source, kwargs = _tokenizer_folder(saved), {}
+        source = _tokenizer_folder(saved)
     if source is None:  # nothing saved with the model: the run's own tokenizer
         from alignctl.models.load import load_tokenizer as load_run_tokenizer
 
@@ -202,7 +217,7 @@ def load_model(saved: SavedModel, tokenizer):
         model = _load_adapter(saved, tokenizer, reward)
     else:
         source = saved.source if saved.kind == "hub" else str(saved.folder)
-        kwargs: Dict[str, Any] = {"dtype": "float32"}
+        kwargs = _model_kwargs(saved)
         if saved.gguf_file:
             kwargs["gguf_file"] = saved.gguf_file
         model = _load_plain(source, kwargs, reward, key=ARG)
@@ -212,6 +227,15 @@ def load_model(saved: SavedModel, tokenizer):
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
+
+
+def _model_kwargs(saved: SavedModel) -> Dict[str, Any]:
+    """fp32 weights, with the run's remote-code consent and attention kernel."""
+    kwargs: Dict[str, Any] = {"dtype": "float32", **saved.load_kwargs()}
+    attn = saved.run_model_setting("attn_implementation")
+    if attn:
+        kwargs["attn_implementation"] = attn
+    return kwargs
 
 
 def _load_plain(source: str, kwargs: Dict[str, Any], reward: bool, key: str):
@@ -257,9 +281,12 @@ def base_model(saved: SavedModel, tokenizer, reward: bool = False):
             f"{ARG}={saved.source}: the adapter's base ({recorded or 'not recorded'}) cannot be found and no run "
             f"config is saved with it; set base_model_name_or_path in {saved.folder / ADAPTER_CONFIG} to the base model"
         )
-    kwargs: Dict[str, Any] = {"dtype": "float32"}
-    if saved.adapter_config.get("revision") and source == recorded:
-        kwargs["revision"] = saved.adapter_config["revision"]
+    kwargs = _model_kwargs(saved)
+    revision = saved.adapter_config.get("revision")
+    if not revision and recorded == saved.run_model_setting("name_or_path"):
+        revision = saved.run_model_setting("revision")  # the run trained over this revision of its base
+    if revision and source == recorded:
+        kwargs["revision"] = revision
     return _load_plain(source, kwargs, reward, key=f"{ADAPTER_CONFIG} base_model_name_or_path")
 
 
