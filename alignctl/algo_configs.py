@@ -92,7 +92,8 @@ class DPOConfig(PairwiseDataConfig):
     label_smoothing: float = 0.0
     # Use no reference model (an implicit uniform reference).
     reference_free: bool = False
-    # Compute the reference log-probs once over the data before training, then drop the reference.
+    # Compute the reference log-probs once over the data before training (with the starting policy
+    # itself, or model.ref_name_or_path); training then holds no reference model.
     precompute_ref_logps: bool = False
     # Temperature of DiscoPOP's log-ratio modulation.
     discopop_tau: float = 0.05
@@ -150,7 +151,8 @@ class KTOConfig(PairwiseDataConfig):
     desirable_weight: float = 1.0
     # Loss weight of undesirable (label false) examples; see desirable_weight.
     undesirable_weight: float = 1.0
-    # Compute the reference log-probs once over the data before training, then drop the reference.
+    # Compute the reference log-probs once over the data before training (with the starting policy
+    # itself, or model.ref_name_or_path); training then holds no reference model.
     precompute_ref_logps: bool = False
 
 

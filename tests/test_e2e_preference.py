@@ -64,6 +64,18 @@ def test_precomputed_reference_matches_live_reference(tmp_path):
     assert pre == pytest.approx(live, abs=1e-5)
 
 
+def test_precomputing_builds_no_reference_copy(tiny_tokenizer):
+    """The starting policy itself gives the precomputed log-probs; no second model is built."""
+    from alignctl.algos.preference import build_policy_with_reference
+    from alignctl.compose import compose_job
+
+    job = compose_job(["recipe=smoke/dpo", "algo.precompute_ref_logps=true"])
+    model, reference = build_policy_with_reference(job, tiny_tokenizer, reference_free=False)
+    assert reference.mode == "initial" and reference.model is model.model
+    reference.release()
+    assert reference.mode == "precomputed" and reference.model is None
+
+
 def test_lora_uses_the_adapter_off_as_reference(tmp_path):
     losses = dpo_losses(tmp_path, "lora", "peft=lora", "train.lr=1e-2")
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)

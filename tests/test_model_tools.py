@@ -33,7 +33,10 @@ def runs(tmp_path_factory):
     local = train(root / "local", "recipe=smoke/sft", "model.arch=null", f"model.name_or_path={full / 'final_model'}",
                   "peft=lora", "train.max_steps=1", "train.save_steps=0")
     reward = train(root / "reward", "recipe=smoke/reward", "peft=lora", "train.max_steps=2", "train.save_steps=0")
-    return {"full": full, "lora": lora, "local": local, "reward": reward}
+    # reference log-probs precomputed with the starting policy: eval must use the start, not the trained weights
+    pre = train(root / "pre", "recipe=smoke/dpo", "train.max_steps=2", "train.save_steps=0", "train.lr=1e-2",
+                "algo.precompute_ref_logps=true")
+    return {"full": full, "lora": lora, "local": local, "reward": reward, "pre": pre}
 
 
 def adapter_config(folder):
@@ -127,7 +130,7 @@ def last_eval(run_dir):
     return [r for r in read_metrics(run_dir) if r.get("split") == "eval"][-1]
 
 
-@pytest.mark.parametrize("name", ["full", "lora", "local", "reward"])
+@pytest.mark.parametrize("name", ["full", "lora", "local", "reward", "pre"])
 def test_eval_equals_the_training_loops_eval(runs, name, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["eval", str(runs[name]), "--out", str(out)]) == 0

@@ -125,6 +125,7 @@ def build_policy_with_reference(job: DictConfig, tokenizer, *, reference_free: b
 REFERENCE_NOTES = {
     "copy": "frozen copy",
     "adapter": "LoRA adapter disabled",
+    "initial": "the policy before its first step",
     "precomputed": "precomputed log-probs",
     "none": "none (reference-free)",
 }
@@ -135,7 +136,7 @@ def attach_reference(reference: ReferenceModel, job: DictConfig, accelerator, mo
     for every train and eval example now and drop it, so training holds no reference at all."""
     if reference.mode == "copy":
         reference.to(accelerator.device)
-    if job.algo.precompute_ref_logps and reference.mode in ("copy", "adapter"):
+    if job.algo.precompute_ref_logps and reference.mode in ("copy", "adapter", "initial"):
         model.to(accelerator.device)
         start = time.perf_counter()
         batch_size = job.train.per_device_eval_batch_size or job.train.per_device_batch_size

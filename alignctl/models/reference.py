@@ -3,6 +3,8 @@
 - ``adapter``: the policy is a LoRA model; its adapter is switched off for reference log-probs,
   so no second model is held.
 - ``copy``: a frozen copy of the starting policy (or of ``model.ref_name_or_path``).
+- ``initial``: the policy itself before its first step, used once to precompute reference
+  log-probs (``algo.precompute_ref_logps`` with no other reference model), so no copy is built;
 - ``precomputed``: reference log-probs were computed once over the data set before training and
   travel in the batch (``ref_logps`` column); no model is held while training.
 - ``none``: reference-free; callers pass zeros.
@@ -69,6 +71,10 @@ class ReferenceModel:
             ref = load_causal_lm(job.model, tokenizer, name_or_path=job.model.ref_name_or_path)
         elif is_peft_model(policy):
             return cls("adapter", policy, chunk_size=chunk)
+        elif job.algo.get("precompute_ref_logps"):
+            # The starting policy is the reference: its own (fp32-master) forward gives the log-probs
+            # before any step, which a frozen copy would only round (and cost a second model).
+            return cls("initial", policy, chunk_size=chunk)
         else:
             ref = frozen_copy(policy, reference_dtype(job.precision.name))
         ref.eval()
@@ -124,7 +130,7 @@ class ReferenceModel:
             ref.mul_(1.0 - alpha).add_(new.detach().to(ref.dtype), alpha=alpha)
 
     def release(self) -> None:
-        """Drop a held copy (after precomputing)."""
-        if self.mode == "copy":
+        """Drop a held copy, or the handle on the policy (after precomputing)."""
+        if self.mode in ("copy", "initial"):
             self.model = None
         self.mode = "precomputed"

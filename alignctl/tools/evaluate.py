@@ -188,9 +188,10 @@ def evaluate(saved: SavedModel, job: DictConfig, family: str) -> Dict[str, Any]:
     _fresh_accelerator_state()  # another precision than an earlier run in this process (tests, notebooks)
     accelerator = Accelerator(mixed_precision=check_precision(job.precision.name))
     model = algorithm.build_model(job, tokenizer)
+    # set-up first: a precomputed reference is the run's starting model, not the trained one
+    algorithm.setup(job, accelerator, model, data)
     if saved.run_config is not None:
         load_trained_weights(algorithm.unwrap_for_save(model), saved, tokenizer)
-    algorithm.setup(job, accelerator, model, data)
     batch_size = job.train.per_device_eval_batch_size or job.train.per_device_batch_size
     loader = torch.utils.data.DataLoader(data.eval, batch_size=batch_size, collate_fn=data.collate)
     model, loader = accelerator.prepare(model, loader)
