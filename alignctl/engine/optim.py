@@ -23,15 +23,25 @@ def check_precision(name: str) -> str:
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
+    """AdamW; no weight decay on biases and norm weights (1-D parameters).
+
+    The fused kernel where torch has one for the parameters (as transformers' Trainer, and so TRL,
+    defaults to with torch >= 2.8): one pass per tensor with no temporaries. torch's per-tensor CPU
+    loop allocates two parameter-sized temporaries per tensor (226 MB at once for SmolLM2's
+    embedding) and took 8x longer (0.093 s against 0.012 s for that tensor); the results agree to
+    float rounding (1 ulp).
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
-    )
+    groups = [g for g in groups if g["params"]]
+    settings = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **settings)
+    except RuntimeError:  # parameters on a device (or of a dtype) without a fused kernel
+        return torch.optim.AdamW(groups, **settings)
 
 
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
