@@ -28,6 +28,11 @@ class Algorithm:
     loop: str = "offline"
     # "module:attribute" of a check of the composed job run before anything is written or launched.
     validate: str = ""
+    # The rows it reads: "sft" (text, prompt/completion or messages), "pairs" (prompt/chosen/rejected),
+    # "kto" (unpaired, labelled), "prompts" (online rollouts) or "images" (diffusion prompts).
+    data: str = "pairs"
+    # What it trains: "policy" (a causal LM), "reward_model" (a sequence classifier) or "diffusion".
+    trains: str = "policy"
 
     def load_loss(self) -> Callable[..., Any]:
         return _resolve(self.loss)
@@ -89,6 +94,12 @@ def get_algorithm(name: str) -> Algorithm:
         raise ConfigError(f"unknown algorithm {name!r}; registered algorithms: {valid}") from None
 
 
+def algorithms_where(**facts: Any) -> list:
+    """Registered names whose fields equal ``facts`` (e.g. ``loop="offline", trains="policy"``), in
+    registration order."""
+    return [a.name for a in ALGORITHMS.values() if all(getattr(a, k) == v for k, v in facts.items())]
+
+
 def _resolve(dotted: str) -> Callable[..., Any]:
     module_name, _, attr = dotted.partition(":")
     return getattr(importlib.import_module(module_name), attr)
@@ -101,6 +112,7 @@ register(
         loss="alignctl.models.logps:token_nll",
         driver="alignctl.algos.sft:run_sft",
         description="supervised fine-tuning (text, prompt/completion, chat messages; packing, NEFTune)",
+        data="sft",
     )
 )
 
@@ -121,6 +133,7 @@ register(
         loss="alignctl.losses.reward:reward_loss",
         driver="alignctl.algos.reward:run_reward",
         description="reward model: one-output sequence classifier on preference pairs (Bradley-Terry)",
+        trains="reward_model",
     )
 )
 
@@ -149,6 +162,7 @@ register(
         loss="alignctl.losses.kto:kto_loss",
         driver="alignctl.algos.kto:run_kto",
         description="Kahneman-Tversky optimisation on unpaired (or converted paired) good/bad examples",
+        data="kto",
     )
 )
 register(
@@ -160,6 +174,7 @@ register(
         description="proximal policy optimisation with a value head, KL penalty to a reference, GAE (needs reward=...)",
         loop="online",
         validate="alignctl.algos.ppo:validate_job",
+        data="prompts",
     )
 )
 register(
@@ -171,6 +186,7 @@ register(
         description="group relative policy optimisation: groups of completions per prompt, no value model",
         loop="online",
         validate="alignctl.algos.grpo:validate_job",
+        data="prompts",
     )
 )
 register(
@@ -182,6 +198,7 @@ register(
         description="REINFORCE leave-one-out: k samples per prompt, the others' mean as baseline, KL in the reward",
         loop="online",
         validate="alignctl.algos.rloo:validate_job",
+        data="prompts",
     )
 )
 register(
@@ -193,6 +210,7 @@ register(
         description="expert iteration: sample, keep the best completions, fine-tune on them, repeat",
         loop="online",
         validate="alignctl.algos.iterative_sft:validate_job",
+        data="prompts",
     )
 )
 register(
@@ -204,5 +222,7 @@ register(
         description="denoising diffusion policy optimisation: RL for text-to-image pipelines (needs an image reward)",
         loop="online",
         validate="alignctl.algos.ddpo:validate_job",
+        data="images",
+        trains="diffusion",
     )
 )

@@ -57,8 +57,7 @@ class RunTracker:
         *,
         enabled: bool,
         progress: bool,
-        tensorboard: bool = False,
-        report_to: Sequence[str] = (),
+        report_to: Sequence[str] = (),  # tracker names (trackers.requested_trackers of the run config)
         unit: str = "tokens",
         run_name: str = "",
         config: Optional[Dict[str, Any]] = None,
@@ -91,8 +90,6 @@ class RunTracker:
                 transient=False,
             )
         names = list(report_to)
-        if tensorboard and "tensorboard" not in names:
-            names.append("tensorboard")
         if names:
             from alignctl.trackers import flat_config, open_trackers
 

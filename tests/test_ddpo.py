@@ -263,7 +263,7 @@ def test_tensorboard_gets_the_sample_grid(tmp_path, one_thread):
 
     from alignctl.tracking import RunTracker
 
-    RunTracker(tmp_path, 1, enabled=False, progress=False, tensorboard=True).log_image(
+    RunTracker(tmp_path, 1, enabled=False, progress=False, report_to=["tensorboard"]).log_image(
         "x", np.zeros((2, 2, 3), np.uint8), 1)  # off on other processes: no writer, no error
     out, _ = _train(tmp_path, "train.max_steps=1", "run.tensorboard=true")
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})

@@ -316,3 +316,45 @@ def test_loading_a_run_keeps_its_remote_code_consent_kernel_and_revision(tmp_pat
                                            "attn_implementation": "eager", "revision": "v2"})
     plain = tool.SavedModel("x", tmp_path, "full")  # no run config: safe defaults
     assert tool._model_kwargs(plain) == {"dtype": "float32"}
+
+
+def test_eval_reads_saved_full_weights_without_building_a_second_model(runs, tmp_path, monkeypatch):
+    import alignctl.tools.evaluate as evaluate
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("eval built a second model to read the saved weights")
+
+    monkeypatch.setattr(evaluate, "load_model", no_second_model)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(runs["full"]), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["loss"] == pytest.approx(last_eval(runs["full"])["loss"], rel=1e-5)
+
+
+def test_a_tied_parameter_saved_once_is_not_missing():
+    from alignctl.tools.evaluate import _key_mismatch
+
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(5, 3), "head": torch.nn.Linear(3, 5, bias=False)})
+    model["head"].weight = model["embed"].weight  # tied, as lm_head and the embeddings
+    saved = {"embed.weight": torch.zeros(5, 3)}
+    assert _key_mismatch(model, saved) == ([], [])
+    model["head"].weight = torch.nn.Parameter(torch.zeros(5, 3))  # untied: now it is missing
+    assert _key_mismatch(model, {**saved, "extra": torch.zeros(1)}) == (["head.weight"], ["extra"])
+
+
+def test_eval_learns_the_columns_from_the_start_of_the_file(tmp_path, monkeypatch):
+    """Which metrics a data set gets is read from its first row, after dataset.columns renames;
+    the file is not read whole for it."""
+    from alignctl.compose import compose_job
+    from alignctl.data import load
+    from alignctl.tools.evaluate import _family
+    from alignctl.tools.resolve import SavedModel
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"question": "q", "good": "a", "bad": "b"}\n' + "{broken\n")  # only the first line is read
+    job = compose_job(["algo=sft", "dataset=smoke_pref", f"dataset.path={data}", "dataset.columns.prompt=question",
+                       "dataset.columns.chosen=good", "dataset.columns.rejected=bad"])
+    monkeypatch.setattr(load, "load_rows", lambda *a, **k: pytest.fail("read the whole data set"))
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    saved = SavedModel("m", tmp_path, "full")
+    assert _family(saved, job, None, None) == "dpo"
+    assert load.peek_split_columns(job.dataset, "train") == ["prompt", "chosen", "rejected"]

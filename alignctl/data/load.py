@@ -89,6 +89,19 @@ def check_files(cfg: DatasetConfig) -> None:
                 check_renames(cfg, columns, _describe(cfg, path))
 
 
+def peek_split_columns(cfg: DatasetConfig, split: str) -> Optional[List[str]]:
+    """The columns of a local split after the ``dataset.columns`` renames, from the start of its
+    file (cheap); None for a hub data set, which must be read to know them."""
+    path = split_path(cfg, split)
+    if path is None:
+        return None
+    columns = peek_columns(path)
+    if not cfg.columns:
+        return columns
+    check_renames(cfg, columns, _describe(cfg, path))
+    return list(rename_columns(dict.fromkeys(columns), cfg.columns))
+
+
 def _hold_out(rows: List[Row], fraction: float, seed: int) -> Tuple[List[Row], List[Row]]:
     if not 0 < fraction < 1:
         raise DataError(f"dataset.eval_fraction={fraction}: must be between 0 and 1")

@@ -22,19 +22,7 @@ from alignctl.data.encode import IGNORE_INDEX
 from alignctl.errors import ConfigError
 
 USAGE = "usage: alignctl data preview [OVERRIDE ...] [n=3] [split=train|eval] [--plain]"
-# Which data path an algorithm's run takes.
-FAMILIES = {
-    "sft": "sft",
-    "dpo": "pairs",
-    "reward": "pairs",
-    "cpo": "pairs",
-    "orpo": "pairs",
-    "kto": "kto",
-    "ppo": "prompts",
-    "grpo": "prompts",
-    "rloo": "prompts",
-    "iterative_sft": "prompts",
-}
+TEXT_DATA = ("sft", "pairs", "kto", "prompts")  # the registry's data kinds that are token sequences
 HUGE = sys.maxsize // 2  # "no limit" for the lifted build that measures truncation
 
 
@@ -161,10 +149,13 @@ def build_preview(overrides: Sequence[str], n: int = 3, split: str = "train", to
 
     job = compose_job(list(overrides))
     validate_job(job)
-    family = FAMILIES.get(job.algo.name)
-    if family is None:
+    from alignctl.registry import algorithms_where, get_algorithm
+
+    family = get_algorithm(job.algo.name).data  # which data path the run takes
+    if family not in TEXT_DATA:
+        covered = [name for kind in TEXT_DATA for name in algorithms_where(data=kind)]
         raise ConfigError(
-            f"algo={job.algo.name}: data preview covers the text algorithms ({', '.join(FAMILIES)}); "
+            f"algo={job.algo.name}: data preview covers the text algorithms ({', '.join(covered)}); "
             "its data are not token sequences"
         )
     check_inputs(job)

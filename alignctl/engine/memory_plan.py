@@ -29,7 +29,6 @@ from omegaconf import DictConfig
 GB = 1024**3
 SLACK = 1.15  # allocator fragmentation and short-lived temporaries
 LOGITS_BYTES = 10  # per (position, vocabulary entry) of a log-prob chunk, forward + backward
-TWO_ROW_ALGOS = ("dpo", "cpo", "simpo", "orpo", "kto", "reward")
 
 
 @dataclass
@@ -82,7 +81,10 @@ def estimate_memory(job: DictConfig, policy: torch.nn.Module, others: List[torch
     held = float(weights if device.type == "cuda" else resident_bytes())
     mixed = job.precision.name in ("bf16", "fp16")
 
-    tokens = job.train.per_device_batch_size * job.algo.max_length * (2 if job.algo.name in TWO_ROW_ALGOS else 1)
+    from alignctl.registry import get_algorithm
+
+    two_rows = get_algorithm(job.algo.name).data in ("pairs", "kto")  # chosen + rejected, or main + KL rows
+    tokens = job.train.per_device_batch_size * job.algo.max_length * (2 if two_rows else 1)
     layers = getattr(config, "num_hidden_layers", 1)
     h = getattr(config, "hidden_size", 0)
     i = getattr(config, "intermediate_size", None) or 4 * h

@@ -101,7 +101,7 @@ class RunShell:
         mixed_precision = check_precision(job.precision.name)
         plan = plan_run(job)
         self.run_dir, self.run_id = plan.run_dir, plan.run_id
-        _fresh_accelerator_state()
+        fresh_accelerator_state()
         self.accelerator = accelerator = Accelerator(
             mixed_precision=mixed_precision, gradient_accumulation_steps=self.accumulation_steps()
         )
@@ -462,7 +462,7 @@ class RunShell:
         return []
 
 
-def _fresh_accelerator_state() -> None:
+def fresh_accelerator_state() -> None:
     """accelerate keeps one process-wide state; a second run in the same process (tests, notebooks)
     may ask for another precision. Outside a multi-process launch, start from a clean state."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

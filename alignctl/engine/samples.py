@@ -15,8 +15,13 @@ from alignctl.data.encode import IGNORE_INDEX
 from alignctl.errors import ConfigError
 
 DEFAULT_COUNT = 3
-# Offline algorithms whose model is a policy that can answer a prompt (reward trains a scorer).
-POLICY_ALGOS = ("sft", "dpo", "cpo", "orpo", "kto")
+
+
+def policy_algorithms() -> List[str]:
+    """Offline algorithms whose model is a policy that can answer a prompt (reward trains a scorer)."""
+    from alignctl.registry import algorithms_where
+
+    return algorithms_where(loop="offline", trains="policy")
 
 
 def check_sample_prompts(job: Any) -> None:
@@ -34,8 +39,8 @@ def check_sample_prompts(job: Any) -> None:
         raise ConfigError(f"run.sample_prompts={value}: must be >= 0 (0 turns samples off)")
     if not isinstance(value, int) and not all(isinstance(p, str) and p for p in value):
         raise ConfigError(f"run.sample_prompts={list(value)}: every prompt must be a non-empty string")
-    if _enabled(value) and job.algo.name not in POLICY_ALGOS:
-        raise ConfigError(f"run.sample_prompts is for offline policy algorithms ({', '.join(POLICY_ALGOS)}); "
+    if _enabled(value) and job.algo.name not in policy_algorithms():
+        raise ConfigError(f"run.sample_prompts is for offline policy algorithms ({', '.join(policy_algorithms())}); "
                           f"{_instead(job.algo.name)}")
 
 
@@ -53,7 +58,7 @@ def _enabled(value: Any) -> bool:
 
 def sampling_enabled(job: Any) -> bool:
     """Whether this job shows sample generations (and so reads the generation group)."""
-    return job.algo.name in POLICY_ALGOS and _enabled(job.run.sample_prompts)
+    return job.algo.name in policy_algorithms() and _enabled(job.run.sample_prompts)
 
 
 def generation_settings(job: Any):

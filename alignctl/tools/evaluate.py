@@ -40,7 +40,6 @@ SFT data: loss and perplexity. Rows: the eval split (or dataset.eval_fraction), 
 Prints a table and writes JSON (default RUN_DIR/eval/<dataset>.json, ./eval/<dataset>.json otherwise).
 """
 
-PAIRWISE_ALGOS = ("dpo", "cpo", "orpo")  # policy algorithms whose own metrics a pairwise eval reports
 SECTIONS = ("dataset", "train", "model", "peft", "precision")  # taken from the run (algo: when the same)
 
 
@@ -137,10 +136,15 @@ def _typed(schema: type, values: DictConfig, section: str, saved: SavedModel) ->
 
 def _family(saved: SavedModel, probe: DictConfig, algo: Optional[str], run: Optional[DictConfig]) -> str:
     """Which algorithm's metrics fit the model and the data."""
-    from alignctl.data.load import load_rows
+    from alignctl.data.load import load_rows, peek_split_columns
 
-    raw = load_rows(probe.dataset, seed=probe.train.seed)
-    columns = set((raw.eval or raw.train)[0].data)
+    dataset = probe.dataset
+    peeked = peek_split_columns(dataset, dataset.eval_split or dataset.train_split)
+    if peeked is not None:
+        columns = set(peeked)
+    else:  # a hub data set: read it (the hub cache keeps it for the evaluation itself)
+        raw = load_rows(dataset, seed=probe.train.seed)
+        columns = set((raw.eval or raw.train)[0].data)
     pairwise = {"chosen", "rejected"} <= columns
     run_algo = run.algo.name if run is not None else None
     if saved.is_reward_model or run_algo == "reward":
@@ -161,10 +165,13 @@ def _family(saved: SavedModel, probe: DictConfig, algo: Optional[str], run: Opti
         if algo not in (None, "sft"):
             raise ConfigError(f"algo={algo}: {probe.dataset.name} is an SFT set, evaluated with algo=sft (perplexity)")
         return "sft"
-    chosen_algo = algo or (run_algo if run_algo in PAIRWISE_ALGOS else "dpo")
+    from alignctl.registry import algorithms_where
+
+    pairwise_policies = algorithms_where(loop="offline", data="pairs", trains="policy")  # their own metrics
+    chosen_algo = algo or (run_algo if run_algo in pairwise_policies else "dpo")
     if chosen_algo == "simpo":
         chosen_algo = "cpo"
-    if chosen_algo not in PAIRWISE_ALGOS:
+    if chosen_algo not in pairwise_policies:
         raise ConfigError(
             f"algo={chosen_algo}: a pairwise set is evaluated with algo=dpo (implicit reward), cpo, orpo or simpo"
         )
@@ -179,13 +186,13 @@ def evaluate(saved: SavedModel, job: DictConfig, family: str) -> Dict[str, Any]:
 
     from alignctl.engine.offline import evaluate_batches
     from alignctl.engine.optim import check_precision
-    from alignctl.engine.run import _fresh_accelerator_state
+    from alignctl.engine.run import fresh_accelerator_state
     from alignctl.models.load import load_tokenizer
 
     algorithm = _algorithm(family, job)
     tokenizer = load_tokenizer(job.model)
     data, split = _eval_data(algorithm, job, tokenizer)
-    _fresh_accelerator_state()  # another precision than an earlier run in this process (tests, notebooks)
+    fresh_accelerator_state()  # another precision than an earlier run in this process (tests, notebooks)
     accelerator = Accelerator(mixed_precision=check_precision(job.precision.name))
     model = algorithm.build_model(job, tokenizer)
     # set-up first: a precomputed reference is the run's starting model, not the trained one
@@ -270,13 +277,64 @@ def load_trained_weights(policy: torch.nn.Module, saved: SavedModel, tokenizer) 
         return
     if is_adapter(policy):
         raise ModelLoadError(f"{ARG}={saved.source}: full weights, but the run's config trains a LoRA adapter")
+    if _copy_saved_weights(policy, saved):
+        return
+    # a GGUF file, a hub model, or a checkpoint layout transformers converts on load (e.g. MoE
+    # experts saved one by one): let transformers read it
     trained = load_model(saved, tokenizer).state_dict()
-    missing, unexpected = policy.load_state_dict(trained, strict=False)
+    missing, unexpected = _key_mismatch(policy, trained)
     if missing or unexpected:
         raise ModelLoadError(
             f"{ARG}={saved.source}: the saved weights do not fit the run's model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); the run's config.yaml describes another model"
         )
+    try:
+        policy.load_state_dict(trained, strict=False)  # strict would count tied parameters saved once
+    except RuntimeError as exc:  # same names, other shapes
+        raise ModelLoadError(
+            f"{ARG}={saved.source}: the saved weights do not fit the run's model ({str(exc).splitlines()[-1].strip()}); "
+            "the run's config.yaml describes another model"
+        ) from None
+
+
+def _copy_saved_weights(policy: torch.nn.Module, saved: SavedModel) -> bool:
+    """Copy a saved full model's safetensors tensors into the policy one at a time (no second
+    model, no second copy of the weights); False when the folder has no safetensors files or
+    their names are not the policy's."""
+    from safetensors import safe_open
+
+    files = sorted(saved.folder.glob("*.safetensors")) if saved.kind == "full" else []
+    if not files:
+        return False
+    where: Dict[str, Any] = {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as exc:  # a truncated or foreign file: say which
+            raise ModelLoadError(f"{ARG}={saved.source}: {file} cannot be read ({str(exc).splitlines()[0]})") from None
+        where.update(dict.fromkeys(handle.keys(), handle))
+    if _key_mismatch(policy, where) != ([], []):
+        return False
+    targets = policy.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, handle in where.items():
+            tensor = handle.get_tensor(key)
+            if tensor.shape != targets[key].shape:
+                raise ModelLoadError(
+                    f"{ARG}={saved.source}: the saved {key} has shape {tuple(tensor.shape)}, the run's model "
+                    f"{tuple(targets[key].shape)}; the run's config.yaml describes another model"
+                )
+            targets[key].copy_(tensor)
+    return True
+
+
+def _key_mismatch(policy: torch.nn.Module, weights: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """(missing, unexpected) keys of ``weights`` (names -> tensors, or where they are) for the
+    policy; a parameter tied to a present one (lm_head to the embeddings, saved once) is not missing."""
+    expected = policy.state_dict(keep_vars=True)
+    present = {id(expected[key]) for key in weights if key in expected}
+    missing = [key for key, value in expected.items() if key not in weights and id(value) not in present]
+    return missing, [key for key in weights if key not in expected]
 
 
 def _load_adapter_weights(policy, saved: SavedModel) -> None:
