@@ -284,7 +284,7 @@ def test_a_gguf_file_is_named_by_path_or_by_folder_and_model_gguf_file(tmp_path)
         resolve_args(str(tmp_path), ["model.gguf_file=other.gguf"])
 
 
-def test_loading_a_run_keeps_its_remote_code_consent_kernel_and_revision(tmp_path, monkeypatch):
+def test_loading_a_run_keeps_its_remote_code_consent_and_revision(tmp_path, monkeypatch):
     """generate/chat/merge/eval load a run's model with the settings training used."""
     from omegaconf import OmegaConf
 
@@ -307,13 +307,12 @@ def test_loading_a_run_keeps_its_remote_code_consent_kernel_and_revision(tmp_pat
         with pytest.raises(RuntimeError):
             step()
     assert calls[0][2] == {"trust_remote_code": True}
-    assert calls[1][2] == {"dtype": "float32", "trust_remote_code": True, "attn_implementation": "eager"}
+    assert calls[1][2] == {"dtype": "float32", "trust_remote_code": True}  # the kernel: this machine's default
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/custom"}))
     adapter = tool.SavedModel("x", tmp_path, "adapter", run_config=run)
     with pytest.raises(RuntimeError):
         tool.base_model(adapter, None)
-    assert calls[2][1:] == ("org/custom", {"dtype": "float32", "trust_remote_code": True,
-                                           "attn_implementation": "eager", "revision": "v2"})
+    assert calls[2][1:] == ("org/custom", {"dtype": "float32", "trust_remote_code": True, "revision": "v2"})
     plain = tool.SavedModel("x", tmp_path, "full")  # no run config: safe defaults
     assert tool._model_kwargs(plain) == {"dtype": "float32"}
 

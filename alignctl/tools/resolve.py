@@ -50,14 +50,14 @@ class SavedModel:
         return False
 
     def run_model_setting(self, name: str):
-        """A ``model.*`` setting of the training run (None when no run config is known): loading
-        honours the run's ``trust_remote_code`` and ``attn_implementation`` as training did."""
+        """A ``model.*`` setting of the training run (None when no run config is known)."""
         if self.run_config is None or "model" not in self.run_config:
             return None
         return self.run_config.model.get(name)
 
     def load_kwargs(self) -> Dict[str, Any]:
-        """from_pretrained settings carried over from the training run."""
+        """from_pretrained settings carried over from the training run: its consent to run the
+        model's own code (``model.trust_remote_code``), which the model cannot load without."""
         kwargs: Dict[str, Any] = {}
         if self.run_model_setting("trust_remote_code"):
             kwargs["trust_remote_code"] = True
@@ -230,12 +230,9 @@ def load_model(saved: SavedModel, tokenizer):
 
 
 def _model_kwargs(saved: SavedModel) -> Dict[str, Any]:
-    """fp32 weights, with the run's remote-code consent and attention kernel."""
-    kwargs: Dict[str, Any] = {"dtype": "float32", **saved.load_kwargs()}
-    attn = saved.run_model_setting("attn_implementation")
-    if attn:
-        kwargs["attn_implementation"] = attn
-    return kwargs
+    """fp32 weights, with the run's remote-code consent. The attention kernel is left to
+    transformers: this machine may lack the one training used (flash-attention on a GPU)."""
+    return {"dtype": "float32", **saved.load_kwargs()}
 
 
 def _load_plain(source: str, kwargs: Dict[str, Any], reward: bool, key: str):
