@@ -7,8 +7,7 @@ Once the models are built, the training peak is estimated from what is known bef
 - the activations kept for backward, per token and layer (``h`` hidden size, ``i`` MLP width,
   ``kv`` key/value width; bytes measured on a Llama block and counted tensor by tensor):
   ``36h + 8kv + 16i`` at fp32, ``26h + 4kv + 8i`` under bf16/fp16 autocast (plus autocast's half
-  copy of the output head, 2 bytes per parameter: the other linears keep none, ``lean_linear``);
-  with checkpointing, the fp32 layer input (``4h``)
+  copy of the weights, 2 bytes per parameter); with checkpointing, the fp32 layer input (``4h``)
   per layer plus one layer's activations while it is recomputed;
 - one chunk of LM-head log-probs: ``min(train.logps_chunk_size, tokens) x vocabulary x 10`` bytes;
 
@@ -92,8 +91,7 @@ def estimate_memory(job: DictConfig, policy: torch.nn.Module, others: List[torch
     heads = getattr(config, "num_attention_heads", 1) or 1
     kv = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
     per_layer = (26 * h + 4 * kv + 8 * i) if mixed else (36 * h + 8 * kv + 16 * i)
-    head = policy.get_output_embeddings() if hasattr(policy, "get_output_embeddings") else None
-    casts = 2 * head.weight.numel() if mixed and head is not None else 0
+    casts = 2 * sum(p.numel() for p in params) if mixed else 0
     vocab = getattr(config, "vocab_size", 0) if job.algo.name != "reward" else 0
     logits = min(job.train.logps_chunk_size, tokens) * vocab * LOGITS_BYTES
     return MemoryEstimate(

@@ -8,7 +8,6 @@ import torch
 
 from alignctl.config import JobConfig
 from alignctl.errors import ConfigError
-from alignctl.models.lean_linear import use_lean_linears
 from alignctl.models.load import load_causal_lm, load_reward_model
 from alignctl.engine.memory_plan import enable_checkpointing
 from alignctl.models.peft_wrap import check_qlora_possible, qlora_load_kwargs, wrap_lora
@@ -36,8 +35,6 @@ def build_policy(job: JobConfig, tokenizer, *, reward_head: bool = False):
     if method in ("lora", "qlora"):
         task_type = "SEQ_CLS" if reward_head else "CAUSAL_LM"
         model = wrap_lora(model, job.peft, job.train.gradient_checkpointing, task_type=task_type)
-    if job.precision.name in ("bf16", "fp16"):  # autocast would keep a half copy of each weight for backward
-        use_lean_linears(model)
     return model
 
 
