@@ -200,7 +200,9 @@ def run_alignctl(overrides: list[str]) -> dict:
     job = compose_job(overrides)
     result = get_algorithm(job.algo.name).load_driver()(job)
     records = [r for r in read_metrics(result.run_dir) if r["split"] == "train"]
+    summary = json.loads((Path(result.run_dir) / "summary.json").read_text())
     return {
+        "setup_s": summary["phase_s"]["setup"],  # loading, and any reference precompute (not in loop_s)
         "tokens": result.units,
         "loop_s": result.wall_s,
         "tokens_per_s": result.units / result.wall_s,
