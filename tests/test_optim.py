@@ -24,6 +24,7 @@ def test_fused_and_loop_adamw_agree_to_rounding():
     a = torch.nn.Linear(64, 32)
     b = torch.nn.Linear(64, 32)
     b.load_state_dict(a.state_dict())
+    start = a.weight.detach().clone()
     fused, loop = build_optimizer(a, CFG), torch.optim.AdamW(
         [{"params": [b.weight], "weight_decay": 0.1}, {"params": [b.bias], "weight_decay": 0.0}],
         lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
@@ -34,7 +35,7 @@ def test_fused_and_loop_adamw_agree_to_rounding():
             model(x).square().mean().backward()
             opt.step()
     assert torch.allclose(a.weight, b.weight, rtol=0, atol=1e-6)
-    assert not torch.equal(a.weight, torch.nn.Linear(64, 32).weight)
+    assert (a.weight - start).abs().max() > 1e-3  # the steps moved the weights: the agreement means something
 
 
 def test_parameters_without_a_fused_kernel_get_the_loop(monkeypatch):
