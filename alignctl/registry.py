@@ -33,12 +33,21 @@ class Algorithm:
     data: str = "pairs"
     # What it trains: "policy" (a causal LM), "reward_model" (a sequence classifier) or "diffusion".
     trains: str = "policy"
+    # "module:Class" of the offline loop's algorithm (built from the algo section), for tools that
+    # reuse its data preparation and loss outside training (``alignctl eval``).
+    offline_steps: str = ""
 
     def load_loss(self) -> Callable[..., Any]:
         return _resolve(self.loss)
 
     def load_driver(self) -> Callable[..., Any]:
         return _resolve(self.driver)
+
+    def build_offline(self, algo_cfg) -> Any:
+        """The offline loop's algorithm object for this algo section."""
+        if not self.offline_steps:
+            raise ValueError(f"algorithm {self.name!r} has no offline steps")
+        return _resolve(self.offline_steps)(algo_cfg)
 
     def check(self, job) -> None:
         """Refuse settings this algorithm would not read, then run its own checks."""
@@ -113,6 +122,7 @@ register(
         driver="alignctl.algos.sft:run_sft",
         description="supervised fine-tuning (text, prompt/completion, chat messages; packing, NEFTune)",
         data="sft",
+        offline_steps="alignctl.algos.sft:SFTAlgorithm",
     )
 )
 
@@ -123,6 +133,7 @@ register(
         loss="alignctl.losses.dpo:dpo_loss",
         driver="alignctl.algos.dpo:run_dpo",
         description="direct preference optimisation, every loss variant (sigmoid, ipo, hinge, robust, ...)",
+        offline_steps="alignctl.algos.dpo:DPOAlgorithm",
     )
 )
 
@@ -134,6 +145,7 @@ register(
         driver="alignctl.algos.reward:run_reward",
         description="reward model: one-output sequence classifier on preference pairs (Bradley-Terry)",
         trains="reward_model",
+        offline_steps="alignctl.algos.reward:RewardAlgorithm",
     )
 )
 
@@ -144,6 +156,7 @@ register(
         loss="alignctl.losses.cpo:cpo_loss",
         driver="alignctl.algos.reference_free:run_cpo",
         description="contrastive preference optimisation, reference-free (sigmoid, hinge, ipo, simpo)",
+        offline_steps="alignctl.algos.reference_free:CPOAlgorithm",
     )
 )
 register(
@@ -153,6 +166,7 @@ register(
         loss="alignctl.losses.orpo:odds_ratio_loss",
         driver="alignctl.algos.reference_free:run_orpo",
         description="odds-ratio preference optimisation: NLL on chosen + beta * odds-ratio term, no reference",
+        offline_steps="alignctl.algos.reference_free:ORPOAlgorithm",
     )
 )
 register(
@@ -163,6 +177,7 @@ register(
         driver="alignctl.algos.kto:run_kto",
         description="Kahneman-Tversky optimisation on unpaired (or converted paired) good/bad examples",
         data="kto",
+        offline_steps="alignctl.algos.kto:KTOAlgorithm",
     )
 )
 register(

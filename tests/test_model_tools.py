@@ -357,3 +357,15 @@ def test_eval_learns_the_columns_from_the_start_of_the_file(tmp_path, monkeypatc
     saved = SavedModel("m", tmp_path, "full")
     assert _family(saved, job, None, None) == "dpo"
     assert load.peek_split_columns(job.dataset, "train") == ["prompt", "chosen", "rejected"]
+
+
+def test_every_offline_algorithm_is_built_from_the_registry():
+    from alignctl.compose import compose_job
+    from alignctl.registry import algorithms_where, get_algorithm
+
+    for name in algorithms_where(loop="offline"):
+        job = compose_job([f"algo={name}"])
+        built = get_algorithm(name).build_offline(job.algo)
+        assert hasattr(built, "compute_loss") and built.cfg is job.algo, name
+    with pytest.raises(ValueError, match="no offline steps"):
+        get_algorithm("ppo").build_offline(None)

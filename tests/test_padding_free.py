@@ -138,7 +138,7 @@ def test_sft_padding_free_matches_padded(packing):
 
     job = compose_job(["recipe=smoke/sft", "precision=fp32", f"algo.packing={str(packing).lower()}"])
     tokenizer = load_tokenizer(job.model)
-    algorithm = SFTAlgorithm()
+    algorithm = SFTAlgorithm(job.algo)
     data = algorithm.prepare_data(job, tokenizer)
     padded_collate = data.collate
     model = algorithm.build_model(job, tokenizer)

@@ -21,6 +21,9 @@ from alignctl.models.policy import add_neftune_hook, build_policy
 class SFTAlgorithm:
     token_level_loss = True  # the offline loop warns when the loss sits at ln(vocab)
 
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg  # the algo section, as every offline algorithm takes it (prepare_data reads job.algo)
+
     def prepare_data(self, job: DictConfig, tokenizer) -> PreparedData:
         cfg = job.algo
         if cfg.truncation_mode not in ("keep_start", "keep_end"):
@@ -77,4 +80,4 @@ class SFTAlgorithm:
 
 
 def run_sft(job: DictConfig) -> RunResult:
-    return run_offline(job, SFTAlgorithm(), title="sft")
+    return run_offline(job, SFTAlgorithm(job.algo), title="sft")

@@ -189,7 +189,9 @@ def evaluate(saved: SavedModel, job: DictConfig, family: str) -> Dict[str, Any]:
     from alignctl.engine.run import fresh_accelerator_state
     from alignctl.models.load import load_tokenizer
 
-    algorithm = _algorithm(family, job)
+    from alignctl.registry import get_algorithm
+
+    algorithm = get_algorithm(family).build_offline(job.algo)
     tokenizer = load_tokenizer(job.model)
     data, split = _eval_data(algorithm, job, tokenizer)
     fresh_accelerator_state()  # another precision than an earlier run in this process (tests, notebooks)
@@ -215,28 +217,6 @@ def evaluate(saved: SavedModel, job: DictConfig, family: str) -> Dict[str, Any]:
         "metrics": record,
         "notes": {key: value for key, value in data.notes},
     }
-
-
-def _algorithm(family: str, job: DictConfig):
-    if family == "dpo":
-        from alignctl.algos.dpo import DPOAlgorithm
-
-        return DPOAlgorithm(job.algo)
-    if family == "cpo":
-        from alignctl.algos.reference_free import CPOAlgorithm
-
-        return CPOAlgorithm(job.algo)
-    if family == "orpo":
-        from alignctl.algos.reference_free import ORPOAlgorithm
-
-        return ORPOAlgorithm(job.algo)
-    if family == "reward":
-        from alignctl.algos.reward import RewardAlgorithm
-
-        return RewardAlgorithm(job.algo)
-    from alignctl.algos.sft import SFTAlgorithm
-
-    return SFTAlgorithm()
 
 
 def _eval_data(algorithm, job: DictConfig, tokenizer):
