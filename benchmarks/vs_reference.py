@@ -14,6 +14,8 @@ read the same rows:
 
 Tokens/s counts real (non-padding) tokens of the training batches over the training loop; peak
 RSS is the process's maximum resident memory (model loading included, the same for both).
+alignctl's ``setup_s`` is what came before the loop: loading, and with
+``algo.precompute_ref_logps=true`` the reference pass, which a fair speed figure adds to the loop.
 TRL runs from its own virtual environment (it is never imported by alignctl):
 
     python -m venv --system-site-packages /tmp/trlvenv && /tmp/trlvenv/bin/pip install trl==1.16.0
