@@ -1,5 +1,6 @@
 """train.gradient_checkpointing=null: on only when the estimated peak exceeds the memory budget."""
 
+import copy
 import json
 
 import pytest
@@ -101,3 +102,13 @@ def test_the_run_summary_says_what_was_decided(tmp_path):
     get_algorithm("sft").load_driver()(job)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "on (estimated peak" in json.dumps(summary)
+
+
+def test_a_reference_that_is_the_policy_is_counted_once():
+    """peft=lora: the reference is the policy with its adapter off, not a second model (on a GPU the
+    estimate counts the held weights)."""
+    job, policy = tiny_policy()
+    gpu = torch.device("cuda")  # only the device type is read: no GPU needed
+    weights = sum(p.numel() * p.element_size() for p in policy.parameters())
+    assert estimate_memory(job, policy, [policy], gpu).held == weights
+    assert estimate_memory(job, policy, [copy.deepcopy(policy)], gpu).held == 2 * weights

@@ -77,6 +77,7 @@ def estimate_memory(job: DictConfig, policy: torch.nn.Module, others: List[torch
     config = policy.config
     params = list(policy.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
+    others = [m for m in others if m is not policy]  # a LoRA reference is the policy with its adapter off
     weights = sum(p.numel() * p.element_size() for m in [policy, *others] for p in m.parameters())
     held = float(weights if device.type == "cuda" else resident_bytes())
     mixed = job.precision.name in ("bf16", "fp16")
