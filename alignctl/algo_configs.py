@@ -93,8 +93,9 @@ class DPOConfig(PairwiseDataConfig):
     # Use no reference model (an implicit uniform reference).
     reference_free: bool = False
     # Compute the reference log-probs once over the data before training (with the starting policy
-    # itself, or model.ref_name_or_path); training then holds no reference model.
-    precompute_ref_logps: bool = False
+    # itself, or model.ref_name_or_path); training then holds no reference model. null: on when the
+    # reference would be a held model and the run covers the training data at least once.
+    precompute_ref_logps: Optional[bool] = None
     # Temperature of DiscoPOP's log-ratio modulation.
     discopop_tau: float = 0.05
 
@@ -152,8 +153,9 @@ class KTOConfig(PairwiseDataConfig):
     # Loss weight of undesirable (label false) examples; see desirable_weight.
     undesirable_weight: float = 1.0
     # Compute the reference log-probs once over the data before training (with the starting policy
-    # itself, or model.ref_name_or_path); training then holds no reference model.
-    precompute_ref_logps: bool = False
+    # itself, or model.ref_name_or_path); training then holds no reference model. null: on when the
+    # reference would be a held model and the run covers the training data at least once.
+    precompute_ref_logps: Optional[bool] = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from alignctl.engine.heap import check_trim_heap
 from alignctl.errors import ConfigError
 
 _ABSENT = object()
@@ -64,7 +65,7 @@ RANGES: Sequence[Range] = (
     Range("train.save_steps", at_least(0), ">= 0 (0: no checkpoints during training)"),
     Range("train.save_total_limit", at_least(1), ">= 1 (or null: keep every checkpoint)", optional=True),
     Range("train.logps_chunk_size", at_least(1), ">= 1"),
-    Range("train.memory_budget_gb", positive, "> 0 (or null: 90% of the GPU's memory / of what the process can have)", optional=True),
+    Range("train.memory_budget_gb", positive, "> 0 (or null: no budget, checkpoint always)", optional=True),
     Range("train.length_group_batches", at_least(1), ">= 1"),
     Range("train.max_consecutive_nonfinite", at_least(1), ">= 1"),
     Range("dataset.eval_fraction", unit_interval, "in [0, 1) (or null: auto, 5% of data sets of >= 2,000 rows)", optional=True),
@@ -126,6 +127,7 @@ def validate_job(job: DictConfig) -> None:
             if OmegaConf.select(job, f"algo.{key}", default=default) != default:
                 raise ConfigError(f"algo.{key} is not supported by kto yet; leave it at {default}")
     _check_run_outputs(job)
+    _check_offline_memory_settings(job)
 
 
 def _check_dpo_losses(algo: DictConfig) -> None:
@@ -185,6 +187,24 @@ def _check_dpo_reference_sync(job: DictConfig) -> None:
     ):
         if clash:
             raise ConfigError(f"algo.sync_ref_model=true cannot be used with {why}; set algo.sync_ref_model=false")
+
+
+def _check_offline_memory_settings(job: DictConfig) -> None:
+    """train.memory_budget_gb and train.trim_heap act in the offline loop only; a budget decides
+    train.gradient_checkpointing=null only."""
+    from alignctl.registry import get_algorithm
+
+    train = job.train
+    if get_algorithm(job.algo.name).loop != "offline":
+        for key in ("memory_budget_gb", "trim_heap"):
+            if train[key] is not None:
+                raise ConfigError(f"train.{key}={train[key]} applies to the offline algorithms only, not "
+                                  f"algo={job.algo.name}; drop it")
+    elif train.memory_budget_gb is not None and train.gradient_checkpointing is not None:
+        raise ConfigError(f"train.memory_budget_gb={train.memory_budget_gb} decides "
+                          f"train.gradient_checkpointing only when that is null, but it is "
+                          f"{str(train.gradient_checkpointing).lower()}; drop one of the two")
+    check_trim_heap(train.trim_heap)
 
 
 def _check_run_outputs(job: DictConfig) -> None:

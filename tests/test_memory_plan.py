@@ -1,4 +1,4 @@
-"""train.gradient_checkpointing=null: on only when the estimated peak exceeds the memory budget."""
+"""train.gradient_checkpointing=null: on for offline runs, unless train.memory_budget_gb says the run fits without it."""
 
 import copy
 import json
@@ -32,7 +32,7 @@ def test_a_budget_the_run_exceeds_turns_checkpointing_on():
     assert checkpointing_on(policy)
     (key, note), = notes
     assert key == "gradient checkpointing"
-    assert note.startswith("on (estimated peak") and "train.memory_budget_gb budget of 0.0 GB" in note
+    assert note.startswith("on (estimated peak") and "> train.memory_budget_gb=0.001" in note
     assert "still over" in note  # the process alone is over 1 MB
 
 
@@ -41,19 +41,22 @@ def test_a_run_within_its_budget_stays_fast():
     notes = []
     assert plan_checkpointing(job, policy, [], CPU, notes) is False
     assert not checkpointing_on(policy)
-    assert notes[0][1].startswith("off (estimated peak") and "within the train.memory_budget_gb budget of 1000.0 GB" in notes[0][1]
+    assert notes[0][1].startswith("off (estimated peak") and "within train.memory_budget_gb=1000" in notes[0][1]
 
 
-def test_the_default_budget_is_the_memory_this_process_can_have():
+def test_without_a_budget_checkpointing_is_on_and_the_note_says_what_it_saves():
     job, policy = tiny_policy()
     notes = []
-    assert plan_checkpointing(job, policy, [], CPU, notes) is False  # a tiny model fits anywhere
-    assert "budget (90% of the memory this process can have)" in notes[0][1]
+    assert plan_checkpointing(job, policy, [], CPU, notes) is True  # even a tiny model: the least memory
+    assert checkpointing_on(policy)
+    note = notes[0][1]
+    assert note.startswith("on (default, the least memory: estimated peak ") and "GB without" in note
+    assert "train.memory_budget_gb=N" in note
 
 
 @pytest.mark.parametrize("value", [True, False])
 def test_an_explicit_setting_is_used_whatever_the_estimate(value):
-    job, policy = tiny_policy(f"train.gradient_checkpointing={str(value).lower()}", "train.memory_budget_gb=0.001")
+    job, policy = tiny_policy(f"train.gradient_checkpointing={str(value).lower()}")
     notes = []
     assert plan_checkpointing(job, policy, [], CPU, notes) is value
     assert checkpointing_on(policy) is value
@@ -92,6 +95,22 @@ def test_memory_budget_must_be_positive():
 
     with pytest.raises(ConfigError, match=r"train.memory_budget_gb=0(\.0)?: must be > 0"):
         validate_job(compose_job(["recipe=smoke/dpo", "train.memory_budget_gb=0"]))
+
+
+def test_a_budget_beside_an_explicit_setting_is_refused_not_ignored():
+    from alignctl.validate import validate_job
+
+    with pytest.raises(ConfigError, match=r"train.memory_budget_gb=2.0 decides train.gradient_checkpointing only when "
+                                          r"that is null, but it is false; drop one of the two"):
+        validate_job(compose_job(["recipe=smoke/dpo", "train.memory_budget_gb=2", "train.gradient_checkpointing=false"]))
+
+
+def test_offline_memory_settings_are_refused_for_online_algorithms():
+    from alignctl.validate import validate_job
+
+    for key in ("train.memory_budget_gb=2", "train.trim_heap=true"):
+        with pytest.raises(ConfigError, match=r"applies to the offline algorithms only, not algo=grpo"):
+            validate_job(compose_job(["recipe=smoke/grpo", key]))
 
 
 def test_the_run_summary_says_what_was_decided(tmp_path):

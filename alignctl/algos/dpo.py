@@ -13,6 +13,7 @@ from alignctl.engine.offline import Metrics, PreparedData, RunResult, run_offlin
 from alignctl.algos.preference import (
     REFERENCE_NOTES,
     attach_reference,
+    choose_reference_precompute,
     build_policy_with_reference,
     forward_pairs,
     logp_metrics,
@@ -71,7 +72,9 @@ class DPOAlgorithm:
         for loss_type in self.loss_types:
             if loss_type not in DPO_LOSS_TYPES:
                 raise ConfigError(f"algo.loss_type={loss_type!r}: use one of {', '.join(DPO_LOSS_TYPES)}")
-        return prepare_pair_data(job, tokenizer)
+        data = prepare_pair_data(job, tokenizer)
+        choose_reference_precompute(job, data)
+        return data
 
     def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
         cfg = job.algo

@@ -32,6 +32,7 @@ from alignctl.engine.offline import PreparedData, RunResult, run_offline
 from alignctl.engine.window import Metrics, Weighted
 from alignctl.algos.preference import (
     attach_reference,
+    choose_reference_precompute,
     build_policy_with_reference,
     build_splits,
     forward_pairs,
@@ -83,13 +84,15 @@ class KTOAlgorithm:
         advice = warn_if_unbalanced(train, cfg.desirable_weight, cfg.undesirable_weight)
         if advice:
             notes.append(("warning", advice))
-        return PreparedData(
+        data = PreparedData(
             train=train.examples,
             eval=eval_data.examples if eval_data else None,
             collate=partial(collate_kto, pad_token_id=tokenizer.pad_token_id, with_kl=self.uses_kl),
             notes=notes,
             eval_origin=raw.eval_origin,
         )
+        choose_reference_precompute(job, data)
+        return data
 
     def build_model(self, job: DictConfig, tokenizer) -> torch.nn.Module:
         model, self.reference = build_policy_with_reference(job, tokenizer, reference_free=False)

@@ -131,6 +131,42 @@ REFERENCE_NOTES = {
 }
 
 
+def choose_reference_precompute(job: DictConfig, data: PreparedData) -> None:
+    """Resolve ``algo.precompute_ref_logps=null`` into the job, with a summary note.
+
+    On when the reference would be a held model (a frozen copy, or ``model.ref_name_or_path``) and
+    the run goes through every training example at least once: the reference then does the same
+    forward passes either way, only all before the first step, and training holds no second model
+    (DPO on SmolLM2-135M: 0.25 GB less at bf16). Off for a LoRA policy (its reference is the
+    adapter switched off, nothing is held), for TR-DPO (the reference moves), and for runs that
+    stop before the end of the data (precomputing would pay for examples never trained on).
+    """
+    algo = job.algo
+    if algo.precompute_ref_logps is not None:
+        return
+    from accelerate import PartialState
+
+    from alignctl.engine.optim import plan_steps
+
+    tcfg = job.train
+    seen_per_step = tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * PartialState().num_processes
+    batches_per_epoch = -(-len(data.train) // (tcfg.per_device_batch_size * PartialState().num_processes))
+    passes = plan_steps(tcfg, batches_per_epoch) * seen_per_step / max(1, len(data.train))
+    if algo.get("reference_free") or algo.get("sync_ref_model"):
+        why = "the reference " + ("is none" if algo.get("reference_free") else "moves (algo.sync_ref_model)")
+    elif job.peft.method != "none" and not job.model.ref_name_or_path:
+        why = "the reference is the LoRA policy with its adapter off: no model to drop"
+    elif passes < 1:
+        why = f"the run covers {passes:.0%} of the training data"
+    else:
+        algo.precompute_ref_logps = True
+        data.notes.append(("reference precompute", f"on (algo.precompute_ref_logps=null: the run covers the training data "
+                                                   f"{passes:.1f} times, so no reference model is held while training)"))
+        return
+    algo.precompute_ref_logps = False
+    data.notes.append(("reference precompute", f"off (algo.precompute_ref_logps=null: {why})"))
+
+
 def attach_reference(reference: ReferenceModel, job: DictConfig, accelerator, model, data: PreparedData) -> None:
     """Put a held reference on the device; with ``algo.precompute_ref_logps`` compute its log-probs
     for every train and eval example now and drop it, so training holds no reference at all."""

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from alignctl.data.collate import example_length
 from alignctl.engine.guards import loss_is_finite
+from alignctl.engine.heap import heap_trimmer
 from alignctl.engine.memory_plan import plan_checkpointing
 from alignctl.engine.optim import build_optimizer, build_scheduler, plan_steps
 from alignctl.engine.run import RunResult, RunShell
@@ -130,6 +131,9 @@ class OfflineLoop(RunShell):
         self.total_steps = plan_steps(tcfg, len(self.train_loader))
         self.scheduler = build_scheduler(self.optimizer, tcfg, self.total_steps)
         self.last_padding = float("nan")
+        self.trim_heap = heap_trimmer(tcfg.trim_heap, accelerator.device)
+        if self.trim_heap is not None:
+            self.notes.append(("heap trimming", "on: free heap pages go back to the system before each backward pass"))
 
     def _sampler(self) -> EpochSampler:
         tcfg = self.tcfg
@@ -158,6 +162,8 @@ class OfflineLoop(RunShell):
                 rows = batch["row_index"].tolist() if "row_index" in batch else []
                 self.handle_nonfinite(loss, rows)
                 return False
+            if self.trim_heap is not None:  # the forward's temporaries are freed; its holes go back
+                self.trim_heap()
             accelerator.backward(loss)
             if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
                 self.window.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm)

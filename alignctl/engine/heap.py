@@ -1,0 +1,43 @@
+"""``train.trim_heap``: hand glibc's free heap pages back to the system before each backward pass.
+
+On a CPU every tensor lives in the C library's heap. Tensors of up to 32 MB come from the heap
+proper, and a freed one leaves a hole that stays resident until something reuses it; the backward
+pass frees activations and allocates gradients in a different order, so the holes add to the peak.
+``malloc_trim(0)`` returns every whole free page inside the heap (the pages stay mapped; the next
+use faults them back in). Called once per micro-step, between forward and backward, where the
+forward's temporaries are gone: DPO on SmolLM2-135M (bf16, checkpointing) peaked 0.19 GiB lower
+(3.37 -> 3.18 GiB) for about 3% of the speed. On a GPU the tensors are not in this heap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Callable, Optional
+
+import torch
+
+from alignctl.errors import ConfigError
+
+
+def malloc_trim() -> Optional[Callable[[], None]]:
+    """glibc's ``malloc_trim(0)`` as a function, or None where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already uses
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+def check_trim_heap(setting: Optional[bool]) -> None:
+    """``train.trim_heap=true`` is refused where there is nothing to call (read-only check)."""
+    if setting and malloc_trim() is None:
+        raise ConfigError("train.trim_heap=true needs glibc's malloc_trim, which this system's C library "
+                          "does not have; set train.trim_heap=null (on where available) or false")
+
+
+def heap_trimmer(setting: Optional[bool], device: torch.device) -> Optional[Callable[[], None]]:
+    """What the loop calls before each backward pass, or None. null: on for CPU runs under glibc."""
+    if setting is False or (setting is None and device.type != "cpu"):
+        return None
+    return malloc_trim()
