@@ -50,8 +50,9 @@ def test_true_is_refused_where_the_c_library_cannot_trim(monkeypatch):
     validate_job(compose_job(["recipe=smoke/sft"]))  # null: quietly off there
 
 
-@pytest.mark.parametrize("setting, calls", [("null", 3), ("false", 0)])
-def test_the_loop_trims_once_per_micro_step(tmp_path, monkeypatch, setting, calls):
+@pytest.mark.parametrize("setting, calls", [("null", 3 * (1 + 4 + 1)), ("false", 0)])
+def test_the_loop_trims_before_during_and_after_each_backward(tmp_path, monkeypatch, setting, calls):
+    """3 steps, each: before backward, after the gradients of 4 spaced parameters, after the step."""
     from alignctl.engine import offline
     from alignctl.registry import get_algorithm
 
@@ -61,3 +62,16 @@ def test_the_loop_trims_once_per_micro_step(tmp_path, monkeypatch, setting, call
                        "run.sample_prompts=0", f"run.output_dir={tmp_path / 'run'}", "train.eval_steps=0"])
     get_algorithm("sft").load_driver()(job)
     assert len(trims) == calls
+
+
+def test_backward_trims_hook_evenly_spaced_parameters():
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(10)])  # 20 parameters
+    calls = []
+    handles = heap.trim_during_backward(model, lambda: calls.append(1), points=4)
+    assert len(handles) == 4
+    model(torch.ones(1, 2)).sum().backward()
+    assert len(calls) == 4
+    for handle in handles:
+        handle.remove()
+    model(torch.ones(1, 2)).sum().backward()
+    assert len(calls) == 4

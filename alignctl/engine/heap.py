@@ -4,15 +4,18 @@ On a CPU every tensor lives in the C library's heap. Tensors of up to 32 MB come
 proper, and a freed one leaves a hole that stays resident until something reuses it; the backward
 pass frees activations and allocates gradients in a different order, so the holes add to the peak.
 ``malloc_trim(0)`` returns every whole free page inside the heap (the pages stay mapped; the next
-use faults them back in). Called once per micro-step, between forward and backward, where the
-forward's temporaries are gone: DPO on SmolLM2-135M (bf16, checkpointing) peaked 0.19 GiB lower
-(3.37 -> 3.18 GiB) for about 3% of the speed. On a GPU the tensors are not in this heap.
+use faults them back in). The loop trims between forward and backward, where the forward's
+temporaries are gone, and at a few points during backward (after the gradients of evenly spaced
+parameters are accumulated), where freed activations and new gradients interleave. DPO on
+SmolLM2-135M (bf16, checkpointing, precomputed reference), 16 steps: peak RSS 3.37 GiB without
+trimming, 2.99 GiB trimming before backward, 2.85 GiB with the trims during backward too, at the
+same speed within this machine's noise. On a GPU the tensors are not in this heap.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -26,7 +29,11 @@ def malloc_trim() -> Optional[Callable[[], None]]:
     except (AttributeError, OSError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: trim(0)
+
+    def release() -> None:
+        trim(0)
+
+    return release
 
 
 def check_trim_heap(setting: Optional[bool]) -> None:
@@ -41,3 +48,16 @@ def heap_trimmer(setting: Optional[bool], device: torch.device) -> Optional[Call
     if setting is False or (setting is None and device.type != "cpu"):
         return None
     return malloc_trim()
+
+
+def trim_during_backward(model: torch.nn.Module, trim: Callable[[], None], points: int = 4) -> List:
+    """Call ``trim`` ``points`` times in each backward pass: once the gradient of each of ``points``
+    evenly spaced trainable parameters is accumulated. Returns the hook handles."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    chosen = {id(params[len(params) * k // (points + 1)]): params[len(params) * k // (points + 1)]
+              for k in range(1, points + 1)} if params else {}
+
+    def hook(_param: torch.Tensor) -> None:
+        trim()
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in chosen.values()]

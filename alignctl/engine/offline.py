@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from alignctl.data.collate import example_length
 from alignctl.engine.guards import loss_is_finite
-from alignctl.engine.heap import heap_trimmer
+from alignctl.engine.heap import heap_trimmer, trim_during_backward
 from alignctl.engine.memory_plan import plan_checkpointing
 from alignctl.engine.optim import build_optimizer, build_scheduler, plan_steps
 from alignctl.engine.run import RunResult, RunShell
@@ -133,7 +133,8 @@ class OfflineLoop(RunShell):
         self.last_padding = float("nan")
         self.trim_heap = heap_trimmer(tcfg.trim_heap, accelerator.device)
         if self.trim_heap is not None:
-            self.notes.append(("heap trimming", "on: free heap pages go back to the system before each backward pass"))
+            trim_during_backward(self.model, self.trim_heap)
+            self.notes.append(("heap trimming", "on: free heap pages go back to the system before and during each backward pass"))
 
     def _sampler(self) -> EpochSampler:
         tcfg = self.tcfg
@@ -169,6 +170,8 @@ class OfflineLoop(RunShell):
                 self.window.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.trim_heap is not None and accelerator.sync_gradients:  # the freed gradients' pages
+                self.trim_heap()
         real_tokens = batch["seq_lengths"].sum()
         metrics = {**metrics, "padding": 1 - real_tokens.float() / batch["input_ids"].numel()}
         self.window.add(loss.detach(), metrics, real_tokens)
