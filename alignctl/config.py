@@ -212,8 +212,8 @@ class TrainConfig:
     skip_nonfinite: bool = False
     # With skip_nonfinite: stop (a clear error) after this many skipped batches without a completed step.
     max_consecutive_nonfinite: int = 20
-    # Offline algorithms: hand the C library's free heap pages back to the system before each
-    # backward pass (glibc's malloc_trim; a lower peak on CPUs for about 3% of the speed).
+    # Offline algorithms: hand the C library's free heap pages back to the system before, during
+    # and after each backward pass (glibc's malloc_trim; a lower peak on CPUs).
     # null: on for CPU runs where glibc is the C library.
     trim_heap: Optional[bool] = None
 

@@ -1,15 +1,14 @@
-"""``train.trim_heap``: hand glibc's free heap pages back to the system before each backward pass.
+"""``train.trim_heap``: hand glibc's free heap pages back to the system around each backward pass.
 
 On a CPU every tensor lives in the C library's heap. Tensors of up to 32 MB come from the heap
 proper, and a freed one leaves a hole that stays resident until something reuses it; the backward
 pass frees activations and allocates gradients in a different order, so the holes add to the peak.
 ``malloc_trim(0)`` returns every whole free page inside the heap (the pages stay mapped; the next
-use faults them back in). The loop trims between forward and backward, where the forward's
-temporaries are gone, and at a few points during backward (after the gradients of evenly spaced
-parameters are accumulated), where freed activations and new gradients interleave. DPO on
-SmolLM2-135M (bf16, checkpointing, precomputed reference), 16 steps: peak RSS 3.37 GiB without
-trimming, 2.99 GiB trimming before backward, 2.85 GiB with the trims during backward too, at the
-same speed within this machine's noise. On a GPU the tensors are not in this heap.
+use faults them back in). The offline loop trims between forward and backward, where the forward's
+temporaries are gone; at a few points during backward (after the gradients of evenly spaced
+parameters are accumulated), where freed activations and new gradients interleave; and after the
+optimizer step, when the gradients are freed. The README's Performance section has the figures.
+On a GPU the tensors are not in this heap.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ def check_trim_heap(setting: Optional[bool]) -> None:
 
 
 def heap_trimmer(setting: Optional[bool], device: torch.device) -> Optional[Callable[[], None]]:
-    """What the loop calls before each backward pass, or None. null: on for CPU runs under glibc."""
+    """What the loop calls around each backward pass, or None. null: on for CPU runs under glibc."""
     if setting is False or (setting is None and device.type != "cpu"):
         return None
     return malloc_trim()

@@ -1,10 +1,10 @@
 """``train.gradient_checkpointing=null``: the offline algorithms checkpoint, unless a memory budget
 says the run fits without it.
 
-Checkpointing is the default because it is what gets a full fine-tune to half the reference
-library's memory (DPO on SmolLM2-135M, bf16: 3.37 GB with it against 4.55 GB without, for about 10%
-of the speed). ``train.memory_budget_gb`` trades memory back for speed: checkpointing then turns on
-only when the estimated peak exceeds the budget.
+Checkpointing is the default because it is what brings a full fine-tune near half the reference
+library's memory (the README's Performance section has the figures). ``train.memory_budget_gb``
+trades memory back for speed: checkpointing then turns on only when the estimated peak exceeds the
+budget.
 
 Once the models are built, the training peak is estimated from what is known before the first step:
 
