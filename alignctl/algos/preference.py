@@ -149,9 +149,10 @@ def choose_reference_precompute(job: DictConfig, data: PreparedData) -> None:
     from alignctl.engine.optim import plan_steps
 
     tcfg = job.train
-    seen_per_step = tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * PartialState().num_processes
-    batches_per_epoch = -(-len(data.train) // (tcfg.per_device_batch_size * PartialState().num_processes))
-    passes = plan_steps(tcfg, batches_per_epoch) * seen_per_step / max(1, len(data.train))
+    per_batch = tcfg.per_device_batch_size * PartialState().num_processes  # examples per micro-batch, all processes
+    batches_per_epoch = -(-len(data.train) // per_batch)
+    seen = plan_steps(tcfg, batches_per_epoch) * tcfg.gradient_accumulation_steps * per_batch
+    passes = seen / max(1, len(data.train))
     if algo.get("reference_free") or algo.get("sync_ref_model"):
         why = "the reference " + ("is none" if algo.get("reference_free") else "moves (algo.sync_ref_model)")
     elif job.peft.method != "none" and not job.model.ref_name_or_path:

@@ -53,10 +53,9 @@ def trim_during_backward(model: torch.nn.Module, trim: Callable[[], None], point
     """Call ``trim`` ``points`` times in each backward pass: once the gradient of each of ``points``
     evenly spaced trainable parameters is accumulated. Returns the hook handles."""
     params = [p for p in model.parameters() if p.requires_grad]
-    chosen = {id(params[len(params) * k // (points + 1)]): params[len(params) * k // (points + 1)]
-              for k in range(1, points + 1)} if params else {}
+    picks = sorted({len(params) * k // (points + 1) for k in range(1, points + 1)}) if params else []
 
     def hook(_param: torch.Tensor) -> None:
         trim()
 
-    return [p.register_post_accumulate_grad_hook(hook) for p in chosen.values()]
+    return [params[i].register_post_accumulate_grad_hook(hook) for i in picks]
