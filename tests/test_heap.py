@@ -1,4 +1,4 @@
-"""train.trim_heap: glibc's free heap pages go back to the system before each backward pass."""
+"""train.trim_heap: glibc's free heap pages go back to the system before, during and after each backward pass."""
 
 import ctypes
 
