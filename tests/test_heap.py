@@ -75,3 +75,16 @@ def test_backward_trims_hook_evenly_spaced_parameters():
         handle.remove()
     model(torch.ones(1, 2)).sum().backward()
     assert len(calls) == 4
+
+
+def test_onednn_cache_is_bounded_unless_the_environment_says(monkeypatch):
+    monkeypatch.setattr(heap, "_capacity_set_here", False)
+    monkeypatch.setenv(heap.ONEDNN_CACHE_VARIABLE, "7")
+    assert heap.bound_onednn_cache() == ("oneDNN primitive cache", f"7 (from {heap.ONEDNN_CACHE_VARIABLE})")
+    assert heap.os.environ[heap.ONEDNN_CACHE_VARIABLE] == "7"
+
+    monkeypatch.delenv(heap.ONEDNN_CACHE_VARIABLE)
+    name, value = heap.bound_onednn_cache()
+    assert heap.os.environ[heap.ONEDNN_CACHE_VARIABLE] == "128"
+    assert value.startswith("128 (set ")
+    assert heap.bound_onednn_cache()[1] == value  # a second run in this process: still alignctl's choice

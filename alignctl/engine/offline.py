@@ -23,6 +23,8 @@ from alignctl.engine.memory_plan import plan_checkpointing
 from alignctl.engine.optim import build_optimizer, build_scheduler, plan_steps
 from alignctl.engine.run import RunResult, RunShell
 from alignctl.engine.window import Metrics, MetricWindow
+from alignctl.models.logps import unwrap_causal_lm
+from alignctl.models.tied_embedding_grad import defer_tied_embedding_grad
 
 __all__ = ["Metrics", "OfflineAlgorithm", "PreparedData", "RunResult", "EpochSampler", "run_offline"]
 
@@ -108,6 +110,8 @@ class OfflineLoop(RunShell):
         # a reference the algorithm holds in memory (DPO's / KTO's frozen copy) counts in the estimate
         reference = getattr(getattr(self.algorithm, "reference", None), "model", None)
         plan_checkpointing(job, self.algorithm.unwrap_for_save(model), [reference], accelerator.device, self.notes)
+        if accelerator.num_processes == 1 and defer_tied_embedding_grad(unwrap_causal_lm(model)):
+            self.notes.append(("tied embedding gradient", "added row by row into the LM head's gradient"))
         if getattr(self.algorithm, "token_level_loss", False):  # mean NLL per token: uniform = ln(vocab)
             self.uniform_loss = _uniform_loss(self.algorithm.unwrap_for_save(model))
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from alignctl.checkpoint import UnreadableCheckpoint, checkpoint_path, list_checkpoints, save_checkpoint, write_atomically
 from alignctl.engine.clock import RunClock, rate
 from alignctl.engine.guards import NonFiniteLoss, RunInterrupted, StopSignals, UniformLossWatch, nonfinite_message
+from alignctl.engine.heap import bound_onednn_cache
 from alignctl.engine.optim import check_precision
 from alignctl.engine.state import TrainProgress, read_training_state, restore_rng, write_training_state
 from alignctl.engine.window import MetricWindow
@@ -106,6 +107,8 @@ class RunShell:
             mixed_precision=mixed_precision, gradient_accumulation_steps=self.accumulation_steps()
         )
         set_seed(self.tcfg.seed)
+        if accelerator.device.type == "cpu":  # before any matmul creates oneDNN primitives
+            self.notes.append(bound_onednn_cache())
         self._check_sharded_options()
         self._say(*plan.skipped)
         self.progress = TrainProgress()

@@ -7,8 +7,10 @@ vocabulary that dominates peak memory.
 
 :func:`sequence_logps` instead runs only the decoder, gathers the hidden states of the positions that predict a
 label, and applies the LM head to at most ``chunk_size`` of them at a time: fp32 log-softmax per chunk, keep only
-the label token's log-prob. When gradients are enabled each chunk's head + log-softmax + gather runs under
-``torch.utils.checkpoint`` so backward re-computes one chunk's logits at a time instead of keeping all of them.
+the label token's log-prob. A plain linear head takes :mod:`alignctl.models.head_logps`, whose hand-written
+backward recomputes one chunk's logits at a time and turns them into the gradient in place. Any other head
+(LoRA on the head, soft-capped or scaled logits, WPO's extra term) runs each chunk's head + log-softmax + gather
+under ``torch.utils.checkpoint``, so backward also re-computes one chunk at a time instead of keeping all of them.
 
 :func:`plain_sequence_logps` is the naive reference with identical outputs (tests, benchmark).
 
@@ -32,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from alignctl.errors import ModelLoadError
+from alignctl.models.head_logps import fused_head_applies, head_label_logps
 from alignctl.models.varlen import varlen_kwargs
 
 IGNORE_INDEX = -100
@@ -285,6 +288,27 @@ def _chunk_logps(
     return logps, vocab_mean, -(detached.exp() * detached).sum(-1)
 
 
+def _generic_head_logps(h_sel, targets, head, post, temperature, chunk_size, log_sum_sq):
+    """Any head (LoRA, soft-capped, scaled): autograd through each chunk, recomputed in backward under
+    ``torch.utils.checkpoint``. Returns (label log-probs, detached vocab means, WPO terms per chunk)."""
+    use_ckpt = torch.is_grad_enabled()
+    logps_chunks, mean_chunks, sq_chunks = [], [], []
+    for start in range(0, h_sel.shape[0], chunk_size):
+        h = h_sel[start : start + chunk_size]
+        t = targets[start : start + chunk_size]
+        if use_ckpt:
+            res = checkpoint(_chunk_logps, h, t, head, post, temperature, False, log_sum_sq, use_reentrant=False)
+        else:
+            res = _chunk_logps(h, t, head, post, temperature, False, log_sum_sq)
+        logps_chunks.append(res[0])
+        mean_chunks.append(res[1])
+        if log_sum_sq:
+            sq_chunks.append(res[2])
+    token_logps = torch.cat(logps_chunks) if len(logps_chunks) > 1 else logps_chunks[0]
+    vocab_mean = (torch.cat(mean_chunks) if len(mean_chunks) > 1 else mean_chunks[0]).detach()
+    return token_logps, vocab_mean, sq_chunks
+
+
 def sequence_logps(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -356,21 +380,11 @@ def sequence_logps(
         raise ValueError("labels must be token ids >= 0 or -100")
     h_sel = hidden[row_idx, pos_idx]  # [N, H]
 
-    use_ckpt = torch.is_grad_enabled()
-    logps_chunks, mean_chunks, sq_chunks = [], [], []
-    for start in range(0, h_sel.shape[0], chunk_size):
-        h = h_sel[start : start + chunk_size]
-        t = targets[start : start + chunk_size]
-        if use_ckpt:
-            res = checkpoint(_chunk_logps, h, t, head, post, temperature, False, log_sum_sq, use_reentrant=False)
-        else:
-            res = _chunk_logps(h, t, head, post, temperature, False, log_sum_sq)
-        logps_chunks.append(res[0])
-        mean_chunks.append(res[1])
-        if log_sum_sq:
-            sq_chunks.append(res[2])
-    token_logps = torch.cat(logps_chunks) if len(logps_chunks) > 1 else logps_chunks[0]
-    vocab_mean = (torch.cat(mean_chunks) if len(mean_chunks) > 1 else mean_chunks[0]).detach()
+    if post is None and not log_sum_sq and fused_head_applies(head):
+        token_logps, vocab_mean = head_label_logps(h_sel, head, targets, temperature, chunk_size)
+        sq_chunks = []
+    else:
+        token_logps, vocab_mean, sq_chunks = _generic_head_logps(h_sel, targets, head, post, temperature, chunk_size, log_sum_sq)
 
     if weight is not None:
         token_logps = token_logps * weight
