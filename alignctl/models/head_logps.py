@@ -87,7 +87,7 @@ class _LinearLabelLogps(torch.autograd.Function):
                     z.div_(temperature)
                 target_z = z.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
                 top = z.amax(-1, keepdim=True)
-                top = torch.where(top.isinf(), torch.zeros_like(top), top)  # as torch.logsumexp does
+                top = top.masked_fill(top.isinf(), 0.0)  # an all -inf row: as torch.logsumexp does
                 lse[rows] = z.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(1))
                 logps[rows] = target_z - lse[rows]
                 del z
