@@ -62,9 +62,13 @@ def head_label_logps(
     return _LinearLabelLogps.apply(hidden, head.weight, head.bias, targets, float(temperature), int(chunk_size), dtype)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32 (fp64 stays fp64): the dtype every log-softmax here runs in."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    z = F.linear(h, w, b)
-    return z.to(torch.promote_types(z.dtype, torch.float32))
+    return upcast(F.linear(h, w, b))
 
 
 class _LinearLabelLogps(torch.autograd.Function):

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from alignctl.errors import ModelLoadError
-from alignctl.models.head_logps import fused_head_applies, head_label_logps
+from alignctl.models.head_logps import fused_head_applies, head_label_logps, upcast as _upcast
 from alignctl.models.varlen import varlen_kwargs
 
 IGNORE_INDEX = -100
@@ -228,10 +228,6 @@ def _logits_postprocess(causal_lm: nn.Module) -> Callable[[torch.Tensor], torch.
         return logits
 
     return post
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _effective_labels(labels: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
